@@ -1,0 +1,109 @@
+"""Text sources -> token windows, for calibration and for evaluation.
+
+A source is `builtin` (public-domain books shipped in the package: calibration and evaluation use different books),
+a local `.txt` / `.jsonl` file, a local folder or id that `datasets.load_dataset` understands.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+
+from .errors import CalibrationError
+
+BUILTIN = "builtin"
+
+
+def _builtin_text(purpose: str) -> str:
+    with resources.files("hfcompress").joinpath(f"data/{purpose}.txt.gz").open("rb") as raw:
+        return gzip.decompress(raw.read()).decode("utf-8")
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl", ".json")) or source.count("/") > 1
+
+
+def read_text(source: str, purpose: str = "calibration", *, text_field: str = "text", split: str = "train") -> str:
+    """All text of `source` joined by blank lines. `purpose` picks the built-in book set: calibration or evaluation."""
+    if source == BUILTIN:
+        return _builtin_text(purpose)
+    path = os.path.expanduser(source)
+    if os.path.isfile(path) and path.endswith(".txt"):
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
+        texts = []
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if text_field not in record:
+                        raise CalibrationError(f"{source} line {number} has no field {text_field!r}; fields: "
+                                               f"{sorted(record)} (choose one with text_field)")
+                    texts.append(str(record[text_field]))
+        return "\n\n".join(texts)
+    if looks_like_path(source) and not os.path.isdir(path):
+        raise CalibrationError(f"{purpose} source {source!r} does not exist; give `builtin`, a .txt or .jsonl file, "
+                               "or a `datasets` id")
+    return _dataset_text(source, text_field, split)
+
+
+def _dataset_text(source: str, text_field: str, split: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError(f"reading {source!r} needs the `datasets` package: pip install datasets") from None
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except Exception as error:  # datasets raises many types for "not found" / offline / bad split
+        raise CalibrationError(f"could not load dataset {source!r} (split {split!r}): {error}") from None
+    if text_field not in dataset.column_names:
+        raise CalibrationError(f"dataset {source!r} has no column {text_field!r}; columns: {dataset.column_names}")
+    return "\n\n".join(str(t) for t in dataset[text_field] if t)
+
+
+def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids (no special tokens: windows are cut from running text)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def cut_windows(tokens: torch.Tensor, seq_len: int, count: int | None, *, seed: int | None, what: str) -> torch.Tensor:
+    """(count, seq_len) non-overlapping windows of the stream: the first `count` in order when `seed` is None
+    (evaluation), else `count` drawn at random without replacement (calibration). `count=None` takes them all."""
+    available = tokens.numel() // seq_len
+    if available == 0 or (count is not None and count > available):
+        raise CalibrationError(f"{what}: the text has {tokens.numel()} tokens, enough for {available} windows of "
+                               f"{seq_len}, but {count} were requested; lower n_samples or seq_len, or give more text")
+    windows = tokens[: available * seq_len].reshape(available, seq_len)
+    if count is None:
+        return windows
+    if seed is None:
+        return windows[:count]
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count]
+    return windows[order.sort().values]
+
+
+@dataclass
+class CalibrationData:
+    """Calibration windows (n_samples, seq_len) and where they came from (recorded in hfcompress.json)."""
+
+    input_ids: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self, batch_size: int = 1) -> list[torch.Tensor]:
+        return list(self.input_ids.split(batch_size))
+
+
+def load_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int, seed: int,
+                     text_field: str = "text", split: str = "train") -> CalibrationData:
+    """Read `source`, tokenize it and draw `n_samples` random windows of `seq_len` tokens with `seed`."""
+    tokens = token_stream(tokenizer, read_text(source, "calibration", text_field=text_field, split=split))
+    ids = cut_windows(tokens, seq_len, n_samples, seed=seed, what=f"calibration source {source!r}")
+    info = {"source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed, "tokens": ids.numel()}
+    return CalibrationData(ids, info)

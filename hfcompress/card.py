@@ -1,0 +1,88 @@
+"""Model card: Hub metadata (ModelCardData) + a Jinja template from model_cards/, filled from hfcompress.json."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+PIPELINE_TAGS = {"causal-lm": "text-generation", "encoder": "feature-extraction",
+                 "vision": "image-feature-extraction", "vision-language": None}
+TEMPLATE = "model_card.md.j2"
+
+
+def template_path() -> str:
+    """The card template: packaged inside the wheel, or in the source tree's model_cards/ for editable installs."""
+    packaged = resources.files("hfcompress").joinpath("model_cards", TEMPLATE)
+    if packaged.is_file():
+        return str(packaged)
+    return str(Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE)
+
+
+def _usage(metadata: dict[str, Any], repo: str) -> str:
+    if metadata["family"] == "causal-lm":
+        return (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                f'model = AutoModelForCausalLM.from_pretrained("{repo}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")\n'
+                f'inputs = tokenizer("The Time Traveller", return_tensors="pt")\n'
+                f'print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))')
+    return f'import hfcompress\n\nmodel = hfcompress.load("{repo}")'
+
+
+def _compatibility(metadata: dict[str, Any]) -> str:
+    needs = metadata.get("loading", {})
+    if needs.get("trust_remote_code"):
+        return "needs `trust_remote_code=True` (a small modeling file in this repo); or `hfcompress.load`."
+    if needs.get("packages"):
+        return f"needs `pip install {' '.join(needs['packages'])}`; then plain `from_pretrained`."
+    return ("plain transformers `from_pretrained`, no extra package: a standard checkpoint with the same layout as "
+            "the base model, so runtimes that load the base model (e.g. vLLM) load it too. Zeros are stored "
+            "densely: the size on disk and the speed are those of the base model.")
+
+
+def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
+    """The README.md text for a compressed model described by `metadata` (the content of hfcompress.json)."""
+    repo = repo_id or metadata.get("output", {}).get("push_to") or "path/to/this/folder"
+    methods = [step["method"] for step in metadata["steps"]]
+    after = metadata.get("metrics", {}).get("after", {})
+    evaluation = metadata.get("evaluation", {})
+    eval_results = []
+    if "perplexity" in after:
+        eval_results.append(EvalResult(task_type="text-generation", dataset_type=f"hfcompress/{evaluation['source']}",
+                                       dataset_name=f"{evaluation['source']} ({evaluation['seq_len']}-token windows)",
+                                       metric_type="perplexity", metric_value=round(after["perplexity"], 4)))
+    card_data = ModelCardData(
+        base_model=metadata.get("base_model"),
+        base_model_relation="quantized" if metadata.get("quantized") else None,
+        tags=["hfcompress", "compressed", *methods],
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAGS.get(metadata["family"]),
+        license=metadata.get("license"),
+        model_name=(name or f"{base.split('/')[-1]}-{'-'.join(methods)}") if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    base = metadata.get("base_model") or os.path.basename(str(metadata.get("source", "")).rstrip("/"))
+    name = repo.split("/")[-1] if repo_id or metadata.get("output", {}).get("push_to") else None
+    from .evaluate import format_table
+
+    before = metadata.get("metrics", {}).get("before", {})
+    card = ModelCard.from_template(
+        card_data,
+        template_path=template_path(),
+        title=f"{base.split('/')[-1]} compressed with {' + '.join(methods)}",
+        version=metadata.get("hfcompress_version", ""),
+        base_model=metadata.get("base_model"),
+        source=metadata.get("source"),
+        steps=metadata["steps"],
+        table=format_table(before, after) if before and after else "",
+        evaluation=evaluation,
+        calibration=metadata.get("calibration"),
+        usage=_usage(metadata, repo),
+        compatibility=_compatibility(metadata),
+        recipe_yaml=yaml.safe_dump(metadata["recipe"], sort_keys=False),
+    )
+    return str(card)

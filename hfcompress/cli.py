@@ -1,0 +1,198 @@
+"""The `hfcompress` command line. Method flags are generated from the methods' config dataclasses.
+
+    hfcompress compress builtin:smollm2-135m --method wanda --sparsity 0.5 --out out/smollm2-wanda
+    hfcompress compress --recipe recipe.yaml --n-samples 64
+    hfcompress eval out/smollm2-wanda
+    hfcompress push out/smollm2-wanda --to me/smollm2-wanda --private
+    hfcompress card out/smollm2-wanda
+    hfcompress methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from .errors import HfCompressError, InvalidOptionError, choices
+from .options import config_fields, config_to_dict, make_config
+from .recipe import CalibrationSpec, EvaluationSpec, ModelSpec, OutputSpec, Recipe
+from .registry import available_methods
+
+EXAMPLES = """examples:
+  hfcompress compress builtin:smollm2-135m --method wanda --sparsity 0.5 --out out/smollm2-wanda
+  hfcompress compress HuggingFaceTB/SmolLM2-135M --method wanda --pattern 2:4 --out out/smollm2-24
+  hfcompress compress --recipe recipe.yaml --out out/x --overwrite
+  hfcompress compress ./my-model --method magnitude --sparsity 0.3 --out out/m --push-to me/m --private
+
+Calibration defaults adapt to the device: 128 windows of 2048 tokens on GPU, 32 of 512 on CPU (a 135M model then
+compresses in a few minutes on a laptop CPU)."""
+
+# (section, field) -> CLI flag, for the recipe sections; method fields use --field-name.
+SECTION_FLAGS = {
+    ("model", "revision"): "--revision", ("model", "dtype"): "--dtype", ("model", "device"): "--device",
+    ("model", "trust_remote_code"): "--trust-remote-code",
+    ("calibration", "source"): "--calib", ("calibration", "n_samples"): "--n-samples",
+    ("calibration", "seq_len"): "--seq-len", ("calibration", "seed"): "--seed",
+    ("calibration", "text_field"): "--text-field", ("calibration", "split"): "--split",
+    ("evaluation", "source"): "--eval-source", ("evaluation", "seq_len"): "--eval-seq-len",
+    ("evaluation", "n_windows"): "--eval-windows",
+    ("output", "dir"): "--out", ("output", "overwrite"): "--overwrite", ("output", "push_to"): "--push-to",
+    ("output", "private"): "--private",
+}
+SECTION_CLASSES = {"model": ModelSpec, "calibration": CalibrationSpec, "evaluation": EvaluationSpec,
+                   "output": OutputSpec}
+
+
+def _flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    for (section, name), flag in SECTION_FLAGS.items():
+        if section not in sections:
+            continue
+        f = next(f for f in dataclasses.fields(SECTION_CLASSES[section]) if f.name == name)
+        dest = f"{section}.{name}"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(), help=f.metadata["help"])
+
+
+def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method options (each applies to the methods listed)")
+    owners: dict[str, list[str]] = {}
+    helps: dict[str, str] = {}
+    for name, spec in available_methods().items():
+        for f in config_fields(spec.config_class):
+            owners.setdefault(f.name, []).append(name)
+            helps.setdefault(f.name, f.metadata.get("help", ""))
+    for field_name, methods in owners.items():
+        group.add_argument("--" + field_name.replace("_", "-"), dest=f"method.{field_name}", default=argparse.SUPPRESS,
+                           metavar="VALUE", help=f"{helps[field_name]} [{', '.join(methods)}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfcompress", description="Compress Hugging Face models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    comp = sub.add_parser("compress", help="compress a model and save/push it",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                          description="Load MODEL, apply the method (or the recipe's steps), measure before/after, "
+                                      "save to --out and optionally push.")
+    comp.add_argument("model", nargs="?", help="Hub repo id, local folder, .gguf file, or builtin:smollm2-135m")
+    comp.add_argument("--method", help=f"compression method: {', '.join(available_methods())}")
+    comp.add_argument("--recipe", help="YAML recipe; flags given beside it override its fields")
+    comp.add_argument("--no-eval", action="store_true", help="skip the before/after measurements")
+    _add_section_flags(comp, ("model", "calibration", "evaluation", "output"))
+    _add_method_flags(comp)
+
+    ev = sub.add_parser("eval", help="measure a model: perplexity, size, parameters, sparsity, tokens/s")
+    ev.add_argument("model")
+    _add_section_flags(ev, ("model", "evaluation"))
+
+    push = sub.add_parser("push", help="push an output folder to the Hub in one commit")
+    push.add_argument("folder")
+    push.add_argument("--to", required=True, help="target repo id `namespace/name`")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+
+    card = sub.add_parser("card", help="rewrite an output folder's README.md from its hfcompress.json")
+    card.add_argument("folder")
+    card.add_argument("--repo-id", help="repo id to show in the usage snippet")
+
+    sub.add_parser("methods", help="list the registered methods")
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe file (if any) with every given flag laid over it."""
+    values = vars(args)
+    data: dict[str, Any] = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else {"steps": []}
+    if args.model:
+        data["model"] = {**(data.get("model") or {}), "id": args.model}
+    for key, value in values.items():
+        if "." in key and key.split(".")[0] in SECTION_CLASSES:
+            section, name = key.split(".")
+            data.setdefault(section, {})[name] = value
+    options = {key.split(".", 1)[1]: value for key, value in values.items() if key.startswith("method.")}
+    if args.method:
+        data["steps"] = [config_to_dict(make_config(args.method, options))]
+    elif options:
+        if not data["steps"]:
+            raise InvalidOptionError(f"method options {sorted(options)} given without --method; valid methods: "
+                                     f"{choices(available_methods())}")
+        steps = []
+        for step in data["steps"]:
+            known = {f.name for f in config_fields(available_methods()[step["method"]].config_class)}
+            steps.append({**step, **{k: v for k, v in options.items() if k in known}})
+        data["steps"] = steps
+    if "model" not in data:
+        raise InvalidOptionError("name a MODEL (or give --recipe with a `model`)")
+    if args.no_eval:
+        data.setdefault("evaluation", {})["enabled"] = False
+    return Recipe.from_dict(data)
+
+
+def _methods_table() -> str:
+    rows = ["| method | paper | calibration | models |", "|---|---|---|---|"]
+    for name, spec in available_methods().items():
+        rows.append(f"| `{name}` | {spec.paper} | {'yes' if spec.needs_calibration else 'no'} | "
+                    f"{', '.join(spec.supports)} |")
+    return "\n".join(rows)
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "methods":
+        print(_methods_table())
+    elif args.command == "compress":
+        from .pipeline import compress
+
+        recipe = recipe_from_args(args)
+        result = compress(recipe, log=lambda line: print(line, file=sys.stderr))
+        if result.before:
+            print(result.table)
+    elif args.command == "eval":
+        from .pipeline import evaluate_model
+
+        values = vars(args)
+        model = {k.split(".")[1]: v for k, v in values.items() if k.startswith("model.")}
+        evaluation = {k.split(".")[1]: v for k, v in values.items() if k.startswith("evaluation.")}
+        metrics = evaluate_model(ModelSpec(id=args.model, **model), EvaluationSpec(**evaluation))
+        print(json.dumps(metrics, indent=2))
+    elif args.command == "push":
+        from .hub import push
+
+        print(push(args.folder, args.to, private=args.private))
+    elif args.command == "card":
+        from pathlib import Path
+
+        from .card import render_card
+        from .formats import read_metadata
+
+        metadata = read_metadata(args.folder)
+        if metadata is None:
+            raise HfCompressError(f"{args.folder!r} has no hfcompress.json: not an hfcompress output")
+        Path(args.folder, "README.md").write_text(render_card(metadata, args.repo_id), encoding="utf-8")
+        print(f"wrote {Path(args.folder, 'README.md')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except HfCompressError as error:
+        print(f"hfcompress: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hfcompress: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Measurements for the before/after table: perplexity, size, parameters, sparsity, bits per weight, tokens/s."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .sequential import find_linears, named_blocks, weight_matrix
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Run `model` on `device`: moved whole when it fits in free GPU memory, else streamed layer by layer from CPU
+    memory with accelerate's offloading. Back on the CPU afterwards."""
+    if device.type != "cuda":
+        yield model
+        return
+    weights = sum(t.numel() * t.element_size() for t in unique_tensors(model))
+    if weights < 0.8 * torch.cuda.mem_get_info(device)[0]:
+        model.to(device)
+        try:
+            yield model
+        finally:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+        return
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    cpu_offload(model, execution_device=device)
+    try:
+        yield model
+    finally:
+        remove_hook_from_module(model, recurse=True)
+
+
+def unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and persistent buffers, each storage once (tied embeddings count once, as on disk)."""
+    seen, tensors = set(), []
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.data_ptr(), tensor.shape) if tensor.device.type != "meta" else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            tensors.append(tensor)
+    return tensors
+
+
+def parameter_count(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def block_linear_sparsity(model: nn.Module) -> float:
+    """Share of exact zeros in the Linear weights of the transformer blocks (what pruning targets)."""
+    zeros = total = 0
+    for prefix, block in named_blocks(model):
+        for layer in find_linears(block, prefix=prefix).values():
+            weight = weight_matrix(layer)
+            zeros += (weight == 0).sum().item()
+            total += weight.numel()
+    return zeros / total if total else 0.0
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per parameter, averaged over all parameters."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() * p.element_size() * 8 for p in params) / max(1, sum(p.numel() for p in params))
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of the state that safetensors stores, each storage once."""
+    return sum(t.numel() * t.element_size() for t in unique_tensors(model))
+
+
+def folder_weights_bytes(folder: str) -> int:
+    """Size on disk of the weight files of a saved model folder."""
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "perplexity") -> float:
+    """exp(mean next-token NLL) over non-overlapping windows (n, seq_len); NLL summed in fp32."""
+    total_nll, total_tokens = 0.0, 0
+    for window in tqdm(windows.split(1), desc=desc, leave=False):
+        input_ids = window.to(device)
+        logits = model(input_ids=input_ids, use_cache=False).logits.float()      # (1, T, vocab)
+        nll = nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:], reduction="sum")
+        total_nll += nll.item()
+        total_tokens += input_ids.shape[1] - 1
+    return math.exp(total_nll / total_tokens)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.device, new_tokens: int = 32,
+                      repeats: int = 2) -> dict[str, float]:
+    """Prefill tokens/s (one forward over `prompt` (1, T)) and greedy decode tokens/s with a KV cache; best of
+    `repeats` after one warm-up, since these machines are noisy."""
+    prompt = prompt.to(device)
+    best_prefill = best_decode = math.inf
+    for attempt in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=prompt, use_cache=False)
+        _synchronize(device)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(prompt[:, :32], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=model.generation_config.pad_token_id or model.generation_config.eos_token_id)
+        _synchronize(device)
+        decode = time.perf_counter() - start
+        if attempt:  # the first round warms up kernels and allocators
+            best_prefill, best_decode = min(best_prefill, prefill), min(best_decode, decode)
+    return {"prefill_tokens_per_s": prompt.shape[1] / best_prefill, "decode_tokens_per_s": new_tokens / best_decode}
+
+
+def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,
+            speed: bool = True, desc: str = "") -> dict[str, Any]:
+    """Every number of the before/after table that can be read off the model in memory."""
+    metrics: dict[str, Any] = {
+        "parameters": parameter_count(model),
+        "size_bytes": weights_bytes(model),
+        "sparsity": round(block_linear_sparsity(model), 6),
+        "bits_per_weight": round(bits_per_weight(model), 4),
+    }
+    if family == "causal-lm" and windows is not None:
+        with on_device(model, device):
+            metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())
+            if speed:
+                metrics.update(tokens_per_second(model, windows[:1, :256], device))
+    return metrics
+
+
+TABLE_ROWS = [
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("size_bytes", "size (MB)", lambda v: f"{v / 1e6:.1f}"),
+    ("parameters", "parameters (M)", lambda v: f"{v / 1e6:.2f}"),
+    ("sparsity", "sparsity (block Linear weights)", "{:.1%}"),
+    ("bits_per_weight", "bits per weight", "{:.2f}"),
+    ("prefill_tokens_per_s", "prefill tokens/s", "{:.0f}"),
+    ("decode_tokens_per_s", "decode tokens/s", "{:.1f}"),
+]
+
+
+def comparison_rows(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(label, before, after) for every metric measured on both sides."""
+    rows = []
+    for key, label, fmt in TABLE_ROWS:
+        if key in before and key in after:
+            render = fmt if callable(fmt) else fmt.format
+            rows.append((label, render(before[key]), render(after[key])))
+    return rows
+
+
+def format_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Markdown table of the comparison, used by the CLI and the model card."""
+    lines = ["| metric | before | after |", "|---|---:|---:|"]
+    lines += [f"| {label} | {b} | {a} |" for label, b, a in comparison_rows(before, after)]
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Saved format: an ordinary Hugging Face model folder plus `hfcompress.json`.
+
+Pruned weights are stored dense with zeros in place, so the folder loads with plain `from_pretrained` and no
+hfcompress installed. Everything is written into a temporary sibling folder that is renamed into place at the end,
+so an interrupted run never leaves a half-written output (and never touches the source model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import ModelLoadError, OutputExistsError
+
+METADATA_FILE = "hfcompress.json"
+FORMAT_VERSION = 1
+MAX_SHARD_SIZE = "2GB"
+
+
+@contextmanager
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it is deleted."""
+    out = Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder {str(out_dir)!r} exists and is not empty; pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the output should get ordinary permissions
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        out.rename(retired / "old")
+        staging.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    """Write weights (sharded safetensors), config, generation config and tokenizer."""
+    model.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def write_metadata(folder: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    with open(Path(folder) / METADATA_FILE, "w", encoding="utf-8") as handle:
+        json.dump({"format_version": FORMAT_VERSION, **metadata}, handle, indent=2)
+        handle.write("\n")
+
+
+def read_metadata(path_or_repo: str, **hub_kwargs: Any) -> dict[str, Any] | None:
+    """hfcompress.json of a local folder or Hub repo, or None when the model was not made by hfcompress."""
+    if os.path.isdir(path_or_repo):
+        path = Path(path_or_repo) / METADATA_FILE
+        if not path.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = hf_hub_download(path_or_repo, METADATA_FILE, **hub_kwargs)
+        except EntryNotFoundError:
+            return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load(path_or_repo: str, **kwargs: Any) -> torch.nn.Module:
+    """Load any hfcompress output (local folder or Hub repo) as a ready-to-use model.
+
+    Args:
+        path_or_repo: output folder or Hub repo id.
+        kwargs: passed to `from_pretrained` (e.g. `dtype`, `device_map`, `revision`, `token`).
+    """
+    from transformers import AutoConfig
+
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token") if k in kwargs}
+    metadata = read_metadata(path_or_repo, **hub_kwargs)
+    if metadata is not None and metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelLoadError(f"{path_or_repo} was written by a newer hfcompress (format "
+                             f"{metadata['format_version']}); pip install -U hfcompress")
+    from ..loading import ResolvedModel, model_class, model_family
+
+    config = AutoConfig.from_pretrained(path_or_repo, **hub_kwargs)
+    resolved = ResolvedModel(path_or_repo, path_or_repo, "local", config, model_family(config), None)
+    return model_class(resolved).from_pretrained(path_or_repo, **kwargs).eval()

@@ -1,0 +1,47 @@
+"""Push an output folder to the Hub: create the repo, upload everything in one commit.
+
+Never writes to the source repo. On failure the local folder is kept and the error says how to retry.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from huggingface_hub import HfApi
+from huggingface_hub import errors as hub_errors
+
+from .errors import PushError
+from .formats import read_metadata
+
+
+def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
+         endpoint: str | None = None, commit_message: str | None = None) -> str:
+    """Upload `folder` to the model repo `repo_id` (created if missing) in one commit; return the commit URL.
+
+    Args:
+        folder: a saved hfcompress output.
+        repo_id: `namespace/name` to push to; must differ from the model the folder was made from.
+        private: create the repo as private (an existing repo keeps its visibility).
+        token: Hub token; default: HF_TOKEN or the stored login.
+        endpoint: Hub URL; default: HF_ENDPOINT or huggingface.co.
+    """
+    if not os.path.isdir(folder):
+        raise PushError(f"nothing to push: {folder!r} is not a folder")
+    if repo_id.count("/") != 1:
+        raise PushError(f"push target {repo_id!r} must be a repo id of the form `namespace/name`")
+    metadata = read_metadata(folder) or {}
+    source = str(metadata.get("recipe", {}).get("model", {}).get("id", ""))
+    if repo_id.strip("/") in {source.strip("/"), str(metadata.get("base_model") or "")}:
+        raise PushError(f"refusing to push to {repo_id!r}: it is the source model; choose a new repo id")
+    api = HfApi(endpoint=endpoint, token=token)
+    retry = f"hfcompress push {shlex.quote(folder)} --to {shlex.quote(repo_id)}" + (" --private" if private else "")
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                                   commit_message=commit_message or "Upload model compressed with hfcompress")
+    except (hub_errors.HfHubHTTPError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PushError(f"push to {repo_id!r} failed ({type(error).__name__}: {reason}). The compressed model is "
+                        f"kept in {folder!r}; retry with: {retry}") from None
+    return commit.commit_url

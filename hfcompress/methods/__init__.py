@@ -1,0 +1,3 @@
+"""Built-in methods; importing this package registers them. One module per method."""
+
+from . import magnitude, wanda  # noqa: F401

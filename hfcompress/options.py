@@ -1,0 +1,90 @@
+"""Method options: build a method's config from plain values (YAML, CLI strings, Space form fields).
+
+A config is a frozen dataclass; each field carries its help text in `metadata["help"]`. The CLI flags, recipe keys and
+Space form fields are all generated from these fields, so an option is declared exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from .errors import InvalidOptionError, choices
+from .registry import get_method
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with its help text (shown by `--help`, the README and the Space)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def config_fields(config_class: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_class) if f.init]
+
+
+def field_types(config_class: type) -> dict[str, Any]:
+    return typing.get_type_hints(config_class)
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert `value` (possibly a CLI string) to `annotation`: int, float, bool, str, tuple[X, ...], X | None."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            return None
+        return _coerce(value, arms[0], name)
+    if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        return tuple(_coerce(item.strip() if isinstance(item, str) else item, item_type, name) for item in items)
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"option `{name}` expects {getattr(annotation, '__name__', annotation)}, "
+                                 f"got {value!r}") from None
+    return value
+
+
+def from_values(cls: type, values: dict[str, Any], what: str) -> Any:
+    """Build dataclass `cls` from plain values, coercing strings; an unknown key names the valid ones."""
+    known = {f.name for f in config_fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InvalidOptionError(f"unknown option(s) {unknown} for {what}; valid options: {choices(sorted(known))}")
+    hints = field_types(cls)
+    return cls(**{key: _coerce(value, hints[key], key) for key, value in values.items()})
+
+
+def make_config(method: str, options: dict[str, Any] | None = None) -> Any:
+    """Build the config of `method` from plain values, naming the valid options when one is unknown.
+
+    Example: `make_config("wanda", {"sparsity": "0.5", "pattern": "2:4"})`.
+    """
+    return from_values(get_method(method).config_class, dict(options or {}), f"method `{method}`")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """`{method: NAME, <every field>...}`: the recipe step form of a config."""
+    step: dict[str, Any] = {"method": type(config).method}
+    for f in config_fields(type(config)):
+        value = getattr(config, f.name)
+        step[f.name] = list(value) if isinstance(value, tuple) else value
+    return step

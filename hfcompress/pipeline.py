@@ -1,0 +1,206 @@
+"""One compression run: recipe -> load -> calibrate -> compress (steps in order) -> evaluate -> save -> card -> push.
+
+Everything that can be checked without the weights (method options, output folder, push target, architecture
+support, context length, amount of calibration text) is checked before the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .calibration import CalibrationData, cut_windows, load_calibration, read_text, token_stream
+from .card import render_card
+from .errors import InvalidOptionError, UnsupportedModelError, choices
+from .evaluate import folder_weights_bytes, format_table, measure
+from .formats import save_model, staged_folder, write_metadata
+from .hub import push
+from .loading import ResolvedModel, load_model, load_tokenizer, pick_device, resolve
+from .options import config_to_dict
+from .recipe import EvaluationSpec, ModelSpec, Recipe
+from .registry import Report, get_method
+
+
+@dataclass
+class Result:
+    """What `compress` returns: the model (compressed, in memory), measurements, and where it was written."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    reports: list[Report]
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    folder: str | None = None
+    push_url: str | None = None
+
+    @property
+    def table(self) -> str:
+        return format_table(self.before, self.after)
+
+
+def _as_recipe(recipe: Recipe | dict | str) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_yaml(recipe)
+
+
+def check_support(resolved: ResolvedModel, recipe: Recipe) -> None:
+    """Every step supports the model's family; fail before loading weights when one does not."""
+    for step in recipe.steps:
+        spec = get_method(type(step).method)
+        if resolved.family not in spec.supports:
+            architecture = (getattr(resolved.config, "architectures", None) or [resolved.config.model_type])[0]
+            raise UnsupportedModelError(f"method `{spec.name}` does not support {architecture} ({resolved.family}); "
+                                        f"it supports: {choices(spec.supports)}")
+
+
+def resolve_calibration(recipe: Recipe, resolved: ResolvedModel, device: torch.device) -> Recipe:
+    """Fill the device-dependent calibration defaults and check the window length against the context."""
+    calib = recipe.calibration
+    on_gpu = device.type == "cuda"
+    n_samples = calib.n_samples or (128 if on_gpu else 32)
+    context = resolved.context_length
+    seq_len = calib.seq_len or min(2048 if on_gpu else 512, context or 2048)
+    for what, length in (("calibration seq_len", seq_len), ("evaluation seq_len", recipe.evaluation.seq_len)):
+        if context is not None and length > context:
+            raise InvalidOptionError(f"{what} {length} is longer than the model's context ({context} tokens)")
+    return dataclasses.replace(recipe, calibration=dataclasses.replace(calib, n_samples=n_samples, seq_len=seq_len))
+
+
+def _describe(step: Any, report: Report) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in config_to_dict(step).items() if k != "method" and v not in (None, []))
+    stats = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.stats.items())
+    return f"{report.method} ({options}); measured: {stats}"
+
+
+def _source_license(resolved: ResolvedModel) -> str | None:
+    from huggingface_hub import ModelCard
+
+    if resolved.kind == "gguf":
+        import gguf
+
+        field_ = gguf.GGUFReader(f"{resolved.location}/{resolved.gguf_file}").fields.get("general.license")
+        return field_.contents() if field_ is not None else None
+    try:
+        path = f"{resolved.location}/README.md" if resolved.kind == "local" else resolved.location
+        return ModelCard.load(path).data.license
+    except Exception:  # a missing or malformed base card only means no license line
+        return None
+
+
+def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch.Tensor | None:
+    """The (n_windows, seq_len) perplexity windows, or None when perplexity does not apply."""
+    if not ev.enabled or family != "causal-lm":
+        return None
+    stream = token_stream(tokenizer, read_text(ev.source, "evaluation"))
+    return cut_windows(stream, ev.seq_len, ev.n_windows, seed=None, what=f"evaluation source {ev.source!r}")
+
+
+def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec) -> dict[str, Any]:
+    """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
+    device = pick_device(model_spec.device)
+    resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code)
+    tokenizer = load_tokenizer(resolved) if resolved.family in ("causal-lm", "encoder") else None
+    windows = evaluation_windows(tokenizer, ev, resolved.family)
+    model = load_model(resolved, model_spec.dtype, device)
+    return measure(model, resolved.family, device, windows, speed=ev.speed)
+
+
+def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print) -> Result:
+    """Run a recipe end to end and return the result (see `Result`).
+
+    Args:
+        recipe: a `Recipe`, its dict form, or a YAML path/string.
+        log: receives one line per stage.
+    """
+    recipe = _as_recipe(recipe)
+    recipe.validate()
+    device = pick_device(recipe.model.device)
+    resolved = resolve(recipe.model.id, revision=recipe.model.revision,
+                       trust_remote_code=recipe.model.trust_remote_code)
+    check_support(resolved, recipe)
+    recipe = resolve_calibration(recipe, resolved, device)
+    tokenizer = load_tokenizer(resolved) if resolved.family in ("causal-lm", "encoder") else None
+
+    calibration: CalibrationData | None = None
+    if any(get_method(type(step).method).needs_calibration for step in recipe.steps):
+        if tokenizer is None:
+            raise UnsupportedModelError(f"calibration needs text, and {resolved.family} models take none here")
+        c = recipe.calibration
+        log(f"calibration: {c.n_samples} x {c.seq_len} tokens from {c.source}")
+        calibration = load_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field, c.split)
+    ev = recipe.evaluation
+    if ev.enabled and ev.source == recipe.calibration.source and ev.source != "builtin":
+        log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
+    windows = evaluation_windows(tokenizer, ev, resolved.family)
+
+    log(f"loading {recipe.model.id} on cpu (compute device: {device})")
+    model = load_model(resolved, recipe.model.dtype, device)
+    before = measure(model, resolved.family, device, windows, speed=ev.speed, desc="before") if ev.enabled else {}
+
+    reports, steps_meta = [], []
+    for step in recipe.steps:
+        spec = get_method(type(step).method)
+        log(f"step {len(reports) + 1}/{len(recipe.steps)}: {spec.name}")
+        start = time.perf_counter()
+        report = spec.transform(model, step, calibration, device)
+        report.stats["seconds"] = round(time.perf_counter() - start, 2)
+        reports.append(report)
+        steps_meta.append({"method": spec.name, "paper": spec.paper, "description": _describe(step, report),
+                           "config": config_to_dict(step), "stats": report.stats, "modules": report.modules})
+    after = measure(model, resolved.family, device, windows, speed=ev.speed, desc="after") if ev.enabled else {}
+
+    metadata = {
+        "hfcompress_version": __version__,
+        "libraries": {"torch": torch.__version__, "transformers": _version("transformers"),
+                      "huggingface_hub": _version("huggingface_hub"), "safetensors": _version("safetensors")},
+        "source": recipe.model.id,
+        "base_model": resolved.base_model,
+        "family": resolved.family,
+        "architectures": getattr(resolved.config, "architectures", None),
+        "license": _source_license(resolved),
+        "recipe": recipe.to_dict(),
+        "calibration": calibration.info if calibration else None,
+        "evaluation": {**dataclasses.asdict(ev), "n_windows_used": None if windows is None else len(windows),
+                       "device": str(device), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                       "date": datetime.date.today().isoformat()},
+        "steps": steps_meta,
+        "metrics": {"before": before, "after": after},
+        "loading": {"trust_remote_code": False, "packages": []},
+        "output": {"push_to": recipe.output.push_to},
+    }
+    result = Result(model, tokenizer, reports, before, after, metadata)
+    if recipe.output.dir:
+        with staged_folder(recipe.output.dir, recipe.output.overwrite) as staging:
+            save_model(model, tokenizer, staging)
+            if ev.enabled:
+                after["size_bytes"] = folder_weights_bytes(staging)  # the real size on disk, not an estimate
+            write_metadata(staging, metadata)
+            (staging / "README.md").write_text(render_card(metadata), encoding="utf-8")
+        result.folder = recipe.output.dir
+        log(f"saved to {recipe.output.dir}")
+    if recipe.output.push_to:
+        if not result.folder:
+            raise InvalidOptionError("pushing needs an output folder (output.dir / --out)")
+        result.push_url = push(result.folder, recipe.output.push_to, private=recipe.output.private)
+        log(f"pushed: {result.push_url}")
+    return result
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

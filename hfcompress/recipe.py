@@ -1,0 +1,169 @@
+"""Recipe: the model, the ordered compression steps, calibration, evaluation and output settings.
+
+YAML and Python build the same object, and `validate()` checks everything that can be checked without the model
+before any weight is loaded. Example YAML:
+
+    model: HuggingFaceTB/SmolLM2-135M
+    steps:
+      - {method: wanda, sparsity: 0.5}
+    calibration: {source: builtin, n_samples: 64, seq_len: 512, seed: 0}
+    output: {dir: out/smollm2-wanda, push_to: me/smollm2-wanda, private: true}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import InvalidOptionError, OutputExistsError, PushError, choices
+from .options import config_to_dict, from_values, make_config, option
+from .registry import get_method
+
+
+@dataclass
+class ModelSpec:
+    id: str = option("", "Hub repo id, local folder, .gguf file, or `builtin:smollm2-135m`")
+    revision: str | None = option(None, "branch, tag or commit of a Hub repo")
+    dtype: str = option("auto", "auto (checkpoint dtype on GPU, float32 on CPU), float32, float16 or bfloat16")
+    device: str = option("auto", "compute device: auto (cuda when present), cpu, cuda, cuda:N")
+    trust_remote_code: bool = option(False, "allow the source repo's own modeling code to run")
+
+
+@dataclass
+class CalibrationSpec:
+    source: str = option("builtin", "`builtin`, a .txt/.jsonl file, or a `datasets` id / local dataset folder")
+    n_samples: int | None = option(None, "number of token windows (default: 128 on GPU, 32 on CPU)")
+    seq_len: int | None = option(None, "tokens per window (default: 2048 on GPU, 512 on CPU, capped at the "
+                                       "model's context)")
+    seed: int = option(0, "seed for drawing the windows")
+    text_field: str = option("text", "field holding the text in .jsonl files and datasets")
+    split: str = option("train", "dataset split")
+
+
+@dataclass
+class EvaluationSpec:
+    enabled: bool = option(True, "measure before/after: perplexity, size, parameters, sparsity, bits, tokens/s")
+    source: str = option("builtin", "evaluation text (`builtin` uses a book kept apart from calibration text)")
+    seq_len: int = option(512, "tokens per perplexity window (non-overlapping)")
+    n_windows: int | None = option(32, "number of windows (None: the whole text)")
+    speed: bool = option(True, "measure prefill and decode tokens/s")
+
+
+@dataclass
+class OutputSpec:
+    dir: str | None = option(None, "output folder (written to a temporary folder, then renamed into place)")
+    overwrite: bool = option(False, "replace an existing non-empty output folder")
+    push_to: str | None = option(None, "Hub repo id to push the result to")
+    private: bool = option(False, "create the pushed repo as private")
+
+
+SECTIONS = {"model": ModelSpec, "calibration": CalibrationSpec, "evaluation": EvaluationSpec, "output": OutputSpec}
+
+
+def _section(cls: type, value: Any, name: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if name == "model" and isinstance(value, str):
+        return ModelSpec(id=value)
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise InvalidOptionError(f"recipe section `{name}` must be a mapping, got {type(value).__name__}")
+    return from_values(cls, value, f"recipe section `{name}`")
+
+
+def _step(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and hasattr(type(value), "method"):
+        get_method(type(value).method)
+        return value
+    if not isinstance(value, dict) or "method" not in value:
+        raise InvalidOptionError(f"a recipe step must be a mapping with a `method` key, got {value!r}")
+    options = dict(value)
+    return make_config(options.pop("method"), options)
+
+
+@dataclass
+class Recipe:
+    """Everything one compression run needs. Sections accept dataclasses or plain dicts; steps accept method config
+    objects or `{method: NAME, ...}` dicts.
+
+    Args:
+        model: repo id / folder / .gguf path, or a `ModelSpec`.
+        steps: compression steps, applied in order.
+        calibration: where calibration text comes from and how much of it.
+        evaluation: what to measure before and after.
+        output: where to write and push the result.
+    """
+
+    model: Any
+    steps: list[Any] = field(default_factory=list)
+    calibration: Any = None
+    evaluation: Any = None
+    output: Any = None
+
+    def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            setattr(self, name, _section(cls, getattr(self, name), name))
+        if not isinstance(self.steps, (list, tuple)):
+            raise InvalidOptionError("recipe `steps` must be a list")
+        self.steps = [_step(step) for step in self.steps]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        unknown = sorted(set(data) - {"steps", *SECTIONS})
+        if unknown:
+            raise InvalidOptionError(f"unknown recipe key(s) {unknown}; valid keys: "
+                                     f"{choices(['model', 'steps', *list(SECTIONS)[1:]])}")
+        if "model" not in data:
+            raise InvalidOptionError("the recipe has no `model`")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str) -> "Recipe":
+        """Read a recipe from a YAML file path or a YAML string."""
+        if os.path.isfile(path_or_text):
+            with open(path_or_text, encoding="utf-8") as handle:
+                path_or_text = handle.read()
+        data = yaml.safe_load(path_or_text)
+        if not isinstance(data, dict):
+            raise InvalidOptionError("a recipe must be a YAML mapping with at least `model` and `steps`")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"model": dataclasses.asdict(self.model),
+                                "steps": [config_to_dict(step) for step in self.steps]}
+        for name in ("calibration", "evaluation", "output"):
+            data[name] = dataclasses.asdict(getattr(self, name))
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> None:
+        """Checks that need no model: steps, numbers, the output folder, the push target."""
+        if not self.model.id:
+            raise InvalidOptionError("the recipe names no model")
+        if not self.steps:
+            raise InvalidOptionError("the recipe has no steps; add at least one `{method: NAME, ...}`")
+        calib = self.calibration
+        for name in ("n_samples", "seq_len"):
+            value = getattr(calib, name)
+            if value is not None and value <= 0:
+                raise InvalidOptionError(f"calibration {name} must be positive, got {value}")
+        if self.evaluation.seq_len <= 1 or (self.evaluation.n_windows is not None and self.evaluation.n_windows <= 0):
+            raise InvalidOptionError("evaluation seq_len must be > 1 and n_windows positive")
+        out = self.output
+        if out.dir and os.path.exists(out.dir):
+            if not os.path.isdir(out.dir):
+                raise OutputExistsError(f"output path {out.dir!r} exists and is a file")
+            if os.listdir(out.dir) and not out.overwrite:
+                raise OutputExistsError(f"output folder {out.dir!r} exists and is not empty; pick another --out or "
+                                        "pass --overwrite")
+        if out.push_to and out.push_to.strip("/") == self.model.id.strip("/"):
+            raise PushError(f"refusing to push to {out.push_to!r}: it is the source model; choose a new repo id")
+        if out.push_to and out.push_to.count("/") != 1:
+            raise PushError(f"push target {out.push_to!r} must be a repo id of the form `namespace/name`")

@@ -1,0 +1,215 @@
+"""Layer-by-layer engine: compress a model one transformer block at a time.
+
+The model stays where it was loaded (CPU memory). We capture what the first block of a stack receives - hidden states
+plus every keyword argument (attention mask, position ids, rotary embeddings, ...) - with a forward pre-hook, then for
+each block: move it to the compute device, let the method observe and compress it, run it again to produce the
+inputs of the next block, and move it back. Peak device memory is one block plus the calibration activations, so a
+model larger than the GPU can be compressed on one GPU. Reusing the captured keyword arguments keeps the engine free
+of any architecture's forward signature.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UnsupportedModelError
+
+try:  # GPT-2 style models store Linear layers as Conv1D with a transposed (in, out) weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+Inputs = list[tuple[tuple, dict]]  # per calibration batch: (positional args, keyword args) of a block's forward
+
+
+def find_block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's transformer block stacks, in definition order: ModuleLists of same-class modules that contain
+    Linear layers and are not nested inside another such stack (so MoE expert lists are not mistaken for stacks)."""
+    stacks: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1 or not find_linears(module[0]):
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in stacks):
+            continue
+        stacks.append((name, module))
+    return stacks
+
+
+def named_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every transformer block of the model with its full name, e.g. `("model.layers.3", block)`."""
+    for stack_name, stack in find_block_stacks(model):
+        for index, block in enumerate(stack):
+            yield f"{stack_name}.{index}", block
+
+
+def find_linears(module: nn.Module, targets: tuple[str, ...] = (), prefix: str = "") -> dict[str, nn.Module]:
+    """Linear (and GPT-2 Conv1D) layers under `module`, by full name, filtered by the glob patterns in `targets`."""
+    found = {}
+    for name, child in module.named_modules(prefix=prefix):
+        if isinstance(child, (nn.Linear, Conv1D)):
+            if not targets or any(fnmatch.fnmatchcase(name, pattern) for pattern in targets):
+                found[name] = child
+    return found
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as an (out_features, in_features) view that can be edited in place."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+def move(value: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: move(v, device) for k, v in value.items()}
+    return value
+
+
+def model_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
+    """Forward kwargs for a calibration batch; no KV cache, so replayed blocks never append to one."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def onloaded_blocks(blocks: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """While active, each block moves to `device` just before it runs and back to where it was right after."""
+    homes = {id(b): next(b.parameters()).device for b in blocks}
+    handles = []
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(lambda m, a: m.to(device)))
+        handles.append(block.register_forward_hook(lambda m, a, o: m.to(homes[id(m)])))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor], device: torch.device) -> Inputs:
+    """Run the model on each batch until `block` is reached; return what `block` received (on `device`)."""
+    captured: Inputs = []
+
+    def grab(module, args, kwargs):
+        captured.append((move(args, device), move(kwargs, device)))
+        raise _StopForward
+
+    all_blocks = [b for _, stack in find_block_stacks(model) for b in stack]
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with onloaded_blocks(all_blocks, device):
+            for input_ids in batches:
+                try:
+                    model(**model_inputs(model, input_ids.to(device)))
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise UnsupportedModelError(f"{type(model).__name__}: the forward pass never reached its transformer blocks")
+    return captured
+
+
+def _hidden_states(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def move_outer(model: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer outside the transformer blocks (embeddings, final norm, head) to `device`."""
+    in_blocks = {id(t) for _, stack in find_block_stacks(model) for t in [*stack.parameters(), *stack.buffers()]}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in in_blocks:
+                param.data = param.data.to(device)  # a tied parameter is one object: moved once for all its users
+        for name, buffer in module.named_buffers(recurse=False):
+            if id(buffer) not in in_blocks:
+                module._buffers[name] = buffer.to(device)
+
+
+@torch.no_grad()
+def run_blocks(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    device: torch.device | str,
+    process_block: Callable[[str, nn.Module, Callable[[], list[torch.Tensor]]], None],
+    *,
+    sequential: bool = True,
+    desc: str = "blocks",
+) -> None:
+    """Call `process_block(name, block, run)` for every transformer block, one block on `device` at a time.
+
+    `run()` runs the block on all calibration inputs and returns its outputs; the method attaches its hooks around
+    it to collect statistics, then compresses the block. With `sequential=True` the block runs again after
+    compression so that later blocks see the compressed earlier ones (the Wanda/SparseGPT lineage); with
+    `sequential=False` later blocks see dense activations, which equals processing the whole model at once.
+    """
+    device = torch.device(device)
+    stacks = find_block_stacks(model)
+    if not stacks:
+        raise UnsupportedModelError(f"{type(model).__name__} has no stack of transformer blocks with Linear layers")
+    home = next(model.parameters()).device
+    homes = {id(b): next(b.parameters()).device for _, stack in stacks for b in stack}
+    move_outer(model, device)
+    try:
+        _run_stacks(model, stacks, batches, device, process_block, sequential, desc, homes)
+    finally:
+        move_outer(model, home)
+
+
+def _run_stacks(model, stacks, batches, device, process_block, sequential, desc, homes) -> None:
+    for stack_name, stack in stacks:
+        inputs = capture_inputs(model, stack[0], batches, device)
+        for index, block in enumerate(tqdm(stack, desc=f"{desc} ({stack_name})", leave=False)):
+            block.to(device)
+            first_outputs: list[torch.Tensor] = []
+
+            def run() -> list[torch.Tensor]:
+                outputs = [_hidden_states(block(*args, **kwargs)) for args, kwargs in inputs]
+                if not sequential and not first_outputs:  # one-shot mode feeds the dense outputs forward
+                    first_outputs.extend(outputs)
+                return outputs
+
+            process_block(f"{stack_name}.{index}", block, run)
+            outputs = run() if sequential or not first_outputs else first_outputs
+            inputs = [_with_hidden_states(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs)]
+            block.to(homes[id(block)])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del inputs
+
+
+@contextmanager
+def input_hooks(layers: dict[str, nn.Module], observe: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, `observe(name, x)` sees every input `x` (..., in_features) that reaches each layer."""
+    handles = [layer.register_forward_hook(lambda m, args, out, n=name: observe(n, args[0]))
+               for name, layer in layers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,115 @@
+"""Shared pieces of the pruning methods: the options they all take and the pure mask maths.
+
+Pattern convention (as in Wanda and SparseGPT): `N:M` zeroes the N lowest-scoring weights in every group of M
+consecutive input weights of a row, so `2:4` keeps 2 of every 4 and has sparsity N/M.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidOptionError, UnsupportedModelError
+from .options import option
+from .sequential import find_linears, weight_matrix
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """`"unstructured"` -> None, `"2:4"` -> (2, 4); anything else is an error naming the valid forms."""
+    if pattern == "unstructured":
+        return None
+    match = _NM.match(pattern)
+    if not match:
+        raise InvalidOptionError(f"pattern {pattern!r} is not valid; use `unstructured` or `N:M` such as `2:4`, `4:8`")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise InvalidOptionError(f"pattern {pattern!r}: N:M needs 0 < N < M (N of every M weights are zeroed)")
+    return n, m
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Options shared by every pruning method."""
+
+    sparsity: float | None = option(None, "share of weights removed, 0 <= s < 1 (default 0.5; with an N:M pattern "
+                                          "it is N/M and may be left out)")
+    pattern: str = option("unstructured", "`unstructured` (per output row) or `N:M`: N of every M consecutive input "
+                                          "weights are zeroed, e.g. `2:4`")
+    targets: tuple[str, ...] = option((), "module-name globs to prune (default: every Linear layer in the transformer "
+                                          "blocks)")
+
+    def __post_init__(self) -> None:
+        nm = parse_pattern(self.pattern)
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise InvalidOptionError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if nm and self.sparsity is not None and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
+            raise InvalidOptionError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} "
+                                     f"(which means sparsity {nm[0] / nm[1]:g}); give one of them")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def ratio(self) -> float:
+        """The sparsity actually applied."""
+        nm = self.nm
+        return nm[0] / nm[1] if nm else (0.5 if self.sparsity is None else self.sparsity)
+
+
+def keep_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Boolean mask (out, in) of the weights to keep: per row, drop the `sparsity` share with the lowest score, or
+    with `nm=(N, M)` the N lowest of every M consecutive columns. Ties go to the lower column index."""
+    rows, cols = score.shape
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if nm is not None:
+        n, m = nm
+        groups = score.reshape(rows, cols // m, m)                        # (out, in/M, M)
+        drop = torch.topk(groups, n, dim=-1, largest=False, sorted=False).indices
+        return mask.reshape(rows, cols // m, m).scatter_(-1, drop, False).reshape(rows, cols)
+    k = int(cols * sparsity)
+    if k == 0:
+        return mask
+    drop = torch.topk(score, k, dim=1, largest=False, sorted=False).indices  # (out, k)
+    return mask.scatter_(1, drop, False)
+
+
+def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean mask keeping the highest-scoring (1 - sparsity) share of the whole matrix (not per row)."""
+    k = int(score.numel() * sparsity)
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if k:
+        mask[torch.topk(score.flatten(), k, largest=False, sorted=False).indices] = False
+    return mask.reshape(score.shape)
+
+
+def pruning_targets(block: nn.Module, config: PruningConfig, prefix: str) -> dict[str, nn.Module]:
+    """The layers of `block` to prune; checks up front that every one can take the requested N:M pattern."""
+    layers = find_linears(block, config.targets, prefix)
+    nm = config.nm
+    if nm:
+        bad = [name for name, layer in layers.items() if weight_matrix(layer).shape[1] % nm[1]]
+        if bad:
+            raise UnsupportedModelError(f"pattern {config.pattern} needs in_features divisible by {nm[1]}; "
+                                        f"not the case for {bad[:3]}")
+    return layers
+
+
+def apply_mask(layer: nn.Module, keep: torch.Tensor) -> dict[str, Any]:
+    """Zero the pruned weights in place; return the layer's entry for the report's module map."""
+    weight = weight_matrix(layer)
+    weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))
+    return {"sparsity": round(1 - keep.float().mean().item(), 6)}
+
+
+def report_stats(modules: dict[str, dict[str, Any]], layers_numel: dict[str, int]) -> dict[str, Any]:
+    """Weighted mean sparsity over the pruned layers."""
+    total = sum(layers_numel.values())
+    pruned = sum(modules[name]["sparsity"] * numel for name, numel in layers_numel.items())
+    return {"sparsity": round(pruned / total, 6) if total else 0.0, "layers": len(modules)}
