@@ -70,7 +70,7 @@ def _dataset_text(source: str, text_field: str, split: str) -> str:
 
 def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
     """The whole text as one 1-D tensor of token ids (no special tokens: windows are cut from running text)."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def cut_windows(tokens: torch.Tensor, seq_len: int, count: int | None, *, seed: int | None, what: str) -> torch.Tensor:

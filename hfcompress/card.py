@@ -55,6 +55,8 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         eval_results.append(EvalResult(task_type="text-generation", dataset_type=f"hfcompress/{evaluation['source']}",
                                        dataset_name=f"{evaluation['source']} ({evaluation['seq_len']}-token windows)",
                                        metric_type="perplexity", metric_value=round(after["perplexity"], 4)))
+    base = metadata.get("base_model") or os.path.basename(str(metadata.get("source", "")).rstrip("/"))
+    name = repo.split("/")[-1] if repo_id or metadata.get("output", {}).get("push_to") else None
     card_data = ModelCardData(
         base_model=metadata.get("base_model"),
         base_model_relation="quantized" if metadata.get("quantized") else None,
@@ -65,8 +67,6 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         model_name=(name or f"{base.split('/')[-1]}-{'-'.join(methods)}") if eval_results else None,
         eval_results=eval_results or None,
     )
-    base = metadata.get("base_model") or os.path.basename(str(metadata.get("source", "")).rstrip("/"))
-    name = repo.split("/")[-1] if repo_id or metadata.get("output", {}).get("push_to") else None
     from .evaluate import format_table
 
     before = metadata.get("metrics", {}).get("before", {})

@@ -145,8 +145,19 @@ def _from_pretrained_kwargs(model: ResolvedModel) -> dict[str, Any]:
 
 
 def load_tokenizer(model: ResolvedModel) -> Any:
+    """The tokenizer (text models) or processor (vision models; None when the repo has none), saved with the output."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    kwargs = _from_pretrained_kwargs(model)
+    if model.family in ("vision", "vision-language"):
+        for loader in (AutoProcessor, AutoTokenizer, AutoImageProcessor):
+            try:
+                return loader.from_pretrained(model.location, **kwargs)
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+        return None
     try:
-        return AutoTokenizer.from_pretrained(model.location, **_from_pretrained_kwargs(model))
+        return AutoTokenizer.from_pretrained(model.location, **kwargs)
     except (OSError, hub_errors.HfHubHTTPError) as error:
         raise _hub_error(model.source, error.__cause__ or error) from None
 

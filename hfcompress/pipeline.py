@@ -71,7 +71,10 @@ def resolve_calibration(recipe: Recipe, resolved: ResolvedModel, device: torch.d
     n_samples = calib.n_samples or (128 if on_gpu else 32)
     context = resolved.context_length
     seq_len = calib.seq_len or min(2048 if on_gpu else 512, context or 2048)
-    for what, length in (("calibration seq_len", seq_len), ("evaluation seq_len", recipe.evaluation.seq_len)):
+    checks = [("calibration seq_len", seq_len)] if calib.seq_len else []
+    if recipe.evaluation.enabled and resolved.family == "causal-lm":
+        checks.append(("evaluation seq_len", recipe.evaluation.seq_len))
+    for what, length in checks:
         if context is not None and length > context:
             raise InvalidOptionError(f"{what} {length} is longer than the model's context ({context} tokens)")
     return dataclasses.replace(recipe, calibration=dataclasses.replace(calib, n_samples=n_samples, seq_len=seq_len))
@@ -110,7 +113,7 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec) -> dict[str, Any]:
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
     device = pick_device(model_spec.device)
     resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code)
-    tokenizer = load_tokenizer(resolved) if resolved.family in ("causal-lm", "encoder") else None
+    tokenizer = load_tokenizer(resolved)
     windows = evaluation_windows(tokenizer, ev, resolved.family)
     model = load_model(resolved, model_spec.dtype, device)
     return measure(model, resolved.family, device, windows, speed=ev.speed)
@@ -130,12 +133,10 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
                        trust_remote_code=recipe.model.trust_remote_code)
     check_support(resolved, recipe)
     recipe = resolve_calibration(recipe, resolved, device)
-    tokenizer = load_tokenizer(resolved) if resolved.family in ("causal-lm", "encoder") else None
+    tokenizer = load_tokenizer(resolved)
 
     calibration: CalibrationData | None = None
     if any(get_method(type(step).method).needs_calibration for step in recipe.steps):
-        if tokenizer is None:
-            raise UnsupportedModelError(f"calibration needs text, and {resolved.family} models take none here")
         c = recipe.calibration
         log(f"calibration: {c.n_samples} x {c.seq_len} tokens from {c.source}")
         calibration = load_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field, c.split)

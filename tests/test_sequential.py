@@ -1,0 +1,100 @@
+"""The layer-by-layer engine must see exactly what the whole model computes."""
+
+import pytest
+import torch
+
+from hfcompress.calibration import CalibrationData
+from hfcompress.loading import load_model, resolve
+from hfcompress.methods.wanda import WandaConfig, wanda, wanda_score
+from hfcompress.sequential import (find_block_stacks, find_linears, input_hooks, named_blocks, run_blocks,
+                                   weight_matrix)
+from hfcompress.sparsity import keep_mask
+from tests.tiny_models import CAUSAL
+
+
+def _model(folder):
+    return load_model(resolve(folder), "float32")
+
+
+def _batches(n=3, seq_len=24, seed=0):
+    return list(torch.randint(0, 30000, (n, seq_len), generator=torch.Generator().manual_seed(seed)).split(1))
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_engine_replays_every_block_input_exactly(tiny, name):
+    """Block inputs captured by hooks during a whole-model forward equal what the engine feeds each block."""
+    model = _model(tiny(name))
+    batches = _batches()
+    reference: dict[str, list[torch.Tensor]] = {}
+    handles = [block.register_forward_pre_hook(
+        lambda m, args, kwargs, n=prefix: reference.setdefault(n, []).append(
+            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+        for prefix, block in named_blocks(model)]
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def process(prefix, block, run):
+        handle = block.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault(prefix, []).append(
+            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+        run()
+        handle.remove()
+
+    run_blocks(model, batches, "cpu", process, sequential=False)
+    assert list(seen) == list(reference) and len(seen) == 3
+    for prefix in reference:
+        assert len(seen[prefix]) == len(batches)
+        for got, want in zip(seen[prefix], reference[prefix]):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def _whole_model_wanda_masks(model, batches, config):
+    """Reference: one forward of the whole dense model with hooks on every Linear, then Wanda masks."""
+    layers = {name: layer for prefix, block in named_blocks(model) for name, layer in
+              find_linears(block, prefix=prefix).items()}
+    sums = {name: torch.zeros(weight_matrix(layer).shape[1]) for name, layer in layers.items()}
+
+    def observe(name, x):
+        sums[name] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+
+    with input_hooks(layers, observe), torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    return {name: keep_mask(wanda_score(weight_matrix(layer), sums[name]), config.ratio, config.nm)
+            for name, layer in layers.items()}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt"])
+def test_sequential_engine_gives_the_same_masks_as_the_whole_model_at_once(tiny, name):
+    batches = _batches()
+    config = WandaConfig(sparsity=0.5, sequential=False)
+    reference = _whole_model_wanda_masks(_model(tiny(name)), batches, config)
+
+    model = _model(tiny(name))
+    wanda(model, config, CalibrationData(torch.cat(batches)), "cpu")
+    for layer_name, keep in reference.items():
+        layer = dict(model.named_modules())[layer_name]
+        assert torch.equal(weight_matrix(layer) != 0, keep), layer_name
+
+
+def test_sequential_mode_differs_only_after_the_first_block(tiny):
+    batches = _batches()
+    one_shot, sequential = _model(tiny("llama")), _model(tiny("llama"))
+    wanda(one_shot, WandaConfig(sequential=False), CalibrationData(torch.cat(batches)), "cpu")
+    wanda(sequential, WandaConfig(sequential=True), CalibrationData(torch.cat(batches)), "cpu")
+    masks = [{n: (weight_matrix(l) != 0) for p, b in named_blocks(m) for n, l in find_linears(b, prefix=p).items()}
+             for m in (one_shot, sequential)]
+    first = [n for n in masks[0] if n.startswith("model.layers.0.")]
+    later = [n for n in masks[0] if not n.startswith("model.layers.0.")]
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in first)
+    assert not all(torch.equal(masks[0][n], masks[1][n]) for n in later)
+
+
+def test_finds_every_block_stack_of_a_vision_language_model(tiny):
+    model = load_model(resolve(tiny("llava")), "float32")
+    names = [name for name, _ in find_block_stacks(model)]
+    assert any("vision" in n for n in names) and any("language_model" in n for n in names)

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from hfcompress.errors import HfCompressError, InvalidOptionError
+from hfcompress.methods.magnitude import MagnitudeConfig
+from hfcompress.methods.wanda import WandaConfig, wanda_score
+from hfcompress.sparsity import keep_mask, layer_keep_mask, parse_pattern
+
+
+def test_row_mask_prunes_exactly_the_lowest_share_of_every_row():
+    score = torch.rand(16, 40)
+    keep = keep_mask(score, 0.5, None)
+    assert (keep.sum(1) == 20).all()
+    for row in range(16):  # every kept score beats every pruned score of its row
+        assert score[row][keep[row]].min() > score[row][~keep[row]].max()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_zeroes_n_of_every_m(n, m):
+    score = torch.rand(8, 32)
+    keep = keep_mask(score, n / m, (n, m)).reshape(8, 32 // m, m)
+    assert ((~keep).sum(-1) == n).all()
+    groups = score.reshape(8, 32 // m, m)
+    assert (groups.masked_fill(~keep, float("inf")).amin(-1) >= groups.masked_fill(keep, -1).amax(-1)).all()
+
+
+def test_layer_mask_is_global_threshold():
+    score = torch.arange(100.0).reshape(10, 10)
+    keep = layer_keep_mask(score, 0.3)
+    assert keep.sum() == 70 and not keep.flatten()[:30].any()
+
+
+def test_wanda_score_scales_columns_by_input_norm():
+    weight = torch.tensor([[1.0, -2.0], [3.0, 1.0]])
+    score = wanda_score(weight, torch.tensor([4.0, 1.0]))
+    assert torch.equal(score, torch.tensor([[2.0, 2.0], [6.0, 1.0]]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sparsity": 1.0}, "[0, 1)"),
+    ({"sparsity": -0.1}, "[0, 1)"),
+    ({"pattern": "4:4"}, "0 < N < M"),
+    ({"pattern": "5:4"}, "0 < N < M"),
+    ({"pattern": "half"}, "unstructured"),
+    ({"pattern": "2:4", "sparsity": 0.3}, "contradicts"),
+])
+def test_bad_pruning_options_are_refused_with_the_valid_choices(kwargs, message):
+    with pytest.raises(InvalidOptionError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        WandaConfig(**kwargs)
+
+
+def test_errors_are_value_errors_and_hfcompress_errors():
+    with pytest.raises(ValueError):
+        MagnitudeConfig(scope="column")
+    assert issubclass(InvalidOptionError, HfCompressError)
+
+
+def test_ratio_follows_pattern():
+    assert WandaConfig(pattern="2:4").ratio == 0.5
+    assert WandaConfig(pattern="1:4").ratio == 0.25
+    assert WandaConfig().ratio == 0.5
+    assert parse_pattern("unstructured") is None

