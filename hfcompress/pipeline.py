@@ -64,20 +64,21 @@ def check_support(resolved: ResolvedModel, recipe: Recipe) -> None:
                                         f"it supports: {choices(spec.supports)}")
 
 
-def resolve_calibration(recipe: Recipe, resolved: ResolvedModel, device: torch.device) -> Recipe:
-    """Fill the device-dependent calibration defaults and check the window length against the context."""
-    calib = recipe.calibration
+def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.device) -> Recipe:
+    """Fill the device- and model-dependent defaults (window counts and lengths) and check lengths against the
+    model's context."""
+    calib, ev = recipe.calibration, recipe.evaluation
     on_gpu = device.type == "cuda"
-    n_samples = calib.n_samples or (128 if on_gpu else 32)
-    context = resolved.context_length
-    seq_len = calib.seq_len or min(2048 if on_gpu else 512, context or 2048)
-    checks = [("calibration seq_len", seq_len)] if calib.seq_len else []
-    if recipe.evaluation.enabled and resolved.family == "causal-lm":
-        checks.append(("evaluation seq_len", recipe.evaluation.seq_len))
+    context = resolved.context_length or 2048
+    checks = [("calibration seq_len", calib.seq_len), ("evaluation seq_len", ev.seq_len)]
     for what, length in checks:
-        if context is not None and length > context:
+        if length is not None and length > context:
             raise InvalidOptionError(f"{what} {length} is longer than the model's context ({context} tokens)")
-    return dataclasses.replace(recipe, calibration=dataclasses.replace(calib, n_samples=n_samples, seq_len=seq_len))
+    return dataclasses.replace(
+        recipe,
+        calibration=dataclasses.replace(calib, n_samples=calib.n_samples or (128 if on_gpu else 32),
+                                        seq_len=calib.seq_len or min(2048 if on_gpu else 512, context)),
+        evaluation=dataclasses.replace(ev, seq_len=ev.seq_len or min(512, context)))
 
 
 def _describe(step: Any, report: Report) -> str:
@@ -113,6 +114,7 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec) -> dict[str, Any]:
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
     device = pick_device(model_spec.device)
     resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code)
+    ev = resolve_defaults(Recipe(model_spec, evaluation=ev), resolved, device).evaluation
     tokenizer = load_tokenizer(resolved)
     windows = evaluation_windows(tokenizer, ev, resolved.family)
     model = load_model(resolved, model_spec.dtype, device)
@@ -132,7 +134,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
     resolved = resolve(recipe.model.id, revision=recipe.model.revision,
                        trust_remote_code=recipe.model.trust_remote_code)
     check_support(resolved, recipe)
-    recipe = resolve_calibration(recipe, resolved, device)
+    recipe = resolve_defaults(recipe, resolved, device)
     tokenizer = load_tokenizer(resolved)
 
     calibration: CalibrationData | None = None

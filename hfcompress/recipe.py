@@ -48,7 +48,8 @@ class CalibrationSpec:
 class EvaluationSpec:
     enabled: bool = option(True, "measure before/after: perplexity, size, parameters, sparsity, bits, tokens/s")
     source: str = option("builtin", "evaluation text (`builtin` uses a book kept apart from calibration text)")
-    seq_len: int = option(512, "tokens per perplexity window (non-overlapping)")
+    seq_len: int | None = option(None, "tokens per perplexity window, non-overlapping (default: 512, capped at the "
+                                       "model's context)")
     n_windows: int | None = option(32, "number of windows (None: the whole text)")
     speed: bool = option(True, "measure prefill and decode tokens/s")
 
@@ -154,7 +155,7 @@ class Recipe:
             value = getattr(calib, name)
             if value is not None and value <= 0:
                 raise InvalidOptionError(f"calibration {name} must be positive, got {value}")
-        if self.evaluation.seq_len <= 1 or (self.evaluation.n_windows is not None and self.evaluation.n_windows <= 0):
+        if (self.evaluation.seq_len is not None and self.evaluation.seq_len <= 1) or (self.evaluation.n_windows is not None and self.evaluation.n_windows <= 0):
             raise InvalidOptionError("evaluation seq_len must be > 1 and n_windows positive")
         out = self.output
         if out.dir and os.path.exists(out.dir):

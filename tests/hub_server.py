@@ -15,6 +15,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
+import yaml
+
 LFS_THRESHOLD = 1_000_000
 
 
@@ -85,6 +87,15 @@ class Handler(BaseHTTPRequestHandler):
                 self.state.repos[repo] = {"files": {}, "sha": _sha1(repo.encode()), "private":
                                           data.get("visibility") == "private"}
             return self._json(200, {"url": url})
+        if path == "/api/validate-yaml":  # the client checks README.md metadata before committing it
+            content = json.loads(body)["content"]
+            match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+            try:
+                if match is None or not isinstance(yaml.safe_load(match[1]), dict):
+                    raise yaml.YAMLError("no YAML mapping in the front matter")
+            except yaml.YAMLError as error:
+                return self._json(400, {"errors": [{"message": str(error)}], "warnings": []})
+            return self._json(200, {"errors": [], "warnings": []})
         if m := re.fullmatch(r"/api/models/(.+?)/preupload/([^/]+)", path):
             if self._repo(m[1]) is None:
                 return

@@ -1,0 +1,84 @@
+"""Bad input gets a clear error naming the valid choices, before any weight is loaded."""
+
+import subprocess
+import sys
+
+import pytest
+
+import hfcompress
+from hfcompress.errors import (CalibrationError, InvalidOptionError, ModelLoadError, OutputExistsError,
+                               UnsupportedModelError)
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if the pipeline gets as far as loading weights."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the bad input was noticed")
+
+    monkeypatch.setattr("hfcompress.pipeline.load_model", refuse)
+
+
+def _run(model, step=None, **sections):
+    return hfcompress.compress({"model": model, "steps": [step or {"method": "wanda"}], **sections},
+                               log=lambda line: None)
+
+
+def test_seq_len_beyond_the_context(tiny, no_weights):
+    with pytest.raises(InvalidOptionError, match="longer than the model's context \\(256 tokens\\)"):
+        _run(tiny("llama"), calibration={"seq_len": 512})
+
+
+def test_too_few_calibration_tokens(tiny, tmp_path, no_weights):
+    text = tmp_path / "tiny.txt"
+    text.write_text("a short text " * 20)
+    with pytest.raises(CalibrationError, match="requested"):
+        _run(tiny("llama"), calibration={"source": str(text), "n_samples": 16, "seq_len": 64})
+
+
+def test_unsupported_architecture_names_the_supported_families(tiny, no_weights):
+    with pytest.raises(UnsupportedModelError, match="`wanda` does not support CLIPModel.*supports: `causal-lm`, "
+                                                    "`encoder`"):
+        _run(tiny("clip"))
+
+
+def test_nonexistent_local_path(no_weights):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        _run("./no/such/model")
+
+
+def test_existing_output_folder(tiny, tmp_path, no_weights):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        _run(tiny("llama"), output={"dir": str(tmp_path)})
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def _cli(*args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "hfcompress", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_gated_and_missing_repos_give_one_clear_line(hub):
+    hub.gated.add("org/gated-model")
+    for repo, message in [("org/gated-model", "is gated"), ("org/missing-model", "was not found")]:
+        result = _cli("compress", repo, "--method", "wanda", "--no-eval")
+        assert result.returncode == 2
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_unreachable_hub_gives_one_clear_line():
+    result = _cli("compress", "org/some-model", "--method", "wanda", "--no-eval",
+                  env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+    assert result.returncode == 2
+    assert "could not be reached" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_cli_unknown_method_and_option(tiny):
+    result = _cli("compress", tiny("llama"), "--method", "wandaa")
+    assert result.returncode == 2 and "valid methods: `magnitude`, `wanda`" in result.stderr
+    result = _cli("compress", tiny("llama"), "--method", "magnitude", "--sequential", "true")
+    assert result.returncode == 2 and "valid options:" in result.stderr and "`scope`" in result.stderr

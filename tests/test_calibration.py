@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from hfcompress.calibration import cut_windows, load_calibration, read_text
+from hfcompress.errors import CalibrationError
+from tests.tiny_models import tokenizer
+
+
+def test_builtin_calibration_and_evaluation_texts_are_different_books():
+    calibration, evaluation = read_text("builtin", "calibration"), read_text("builtin", "evaluation")
+    assert len(calibration) > 500_000 and len(evaluation) > 200_000
+    assert "Time Traveller" in calibration and "Baskerville" in evaluation
+    assert evaluation[1000:1200] not in calibration
+
+
+def test_windows_are_reproducible_and_distinct():
+    tok = tokenizer()
+    a = load_calibration(tok, "builtin", 8, 64, seed=1)
+    b = load_calibration(tok, "builtin", 8, 64, seed=1)
+    c = load_calibration(tok, "builtin", 8, 64, seed=2)
+    assert a.input_ids.shape == (8, 64) and torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    assert len({tuple(row.tolist()) for row in a.input_ids}) == 8
+    assert a.info == {"source": "builtin", "n_samples": 8, "seq_len": 64, "seed": 1, "tokens": 512}
+
+
+def test_local_txt_and_jsonl_sources(tmp_path):
+    tok = tokenizer()
+    txt = tmp_path / "notes.txt"
+    txt.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    assert load_calibration(tok, str(txt), 4, 32, seed=0).input_ids.shape == (4, 32)
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": f"record {i} says hello to the world"}) for i in range(300)))
+    assert load_calibration(tok, str(jsonl), 4, 32, seed=0, text_field="body").input_ids.shape == (4, 32)
+    with pytest.raises(CalibrationError, match="no field 'text'"):
+        load_calibration(tok, str(jsonl), 4, 32, seed=0)
+
+
+def test_datasets_source_from_a_local_dataset_folder(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} of a tiny local dataset"})
+                                                  for i in range(400)))
+    data = load_calibration(tokenizer(), str(folder), 4, 32, seed=0)
+    assert data.input_ids.shape == (4, 32)
+
+
+def test_too_little_text_and_missing_files_are_clear_errors(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(CalibrationError, match="enough for 0 windows of 32.*lower n_samples"):
+        load_calibration(tokenizer(), str(short), 4, 32, seed=0)
+    with pytest.raises(CalibrationError, match="enough for 2 windows of 4.*3 were requested"):
+        cut_windows(torch.arange(10), 4, 3, seed=0, what="x")
+    with pytest.raises(CalibrationError, match="does not exist"):
+        read_text(str(tmp_path / "missing.txt"))

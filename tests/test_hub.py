@@ -1,0 +1,74 @@
+"""Push to a loopback Hub server, then load the pushed repo back over HTTP in a fresh process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hfcompress
+from hfcompress.errors import PushError
+from hfcompress.hub import push
+from tests.conftest import ROOT
+from tests.tiny_models import RELOAD, fingerprint
+
+TOKEN = "hf_TestTokenThatMustNeverBeWritten"
+
+
+def _compress(tiny, out, **output):
+    return hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "wanda", "sparsity": 0.5}],
+                                "calibration": {"n_samples": 4, "seq_len": 32},
+                                "evaluation": {"seq_len": 64, "n_windows": 2, "speed": False},
+                                "output": {"dir": str(out), **output}}, log=lambda line: None)
+
+
+def test_push_then_from_pretrained_over_http(hub, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / "out"
+    result = _compress(tiny, out, push_to="alice/tiny-wanda", private=True)
+    assert result.push_url.startswith(hub.endpoint)
+    repo = hub.repos["alice/tiny-wanda"]
+    assert hub.commits == 1 and repo["private"]
+    assert set(repo["files"]) == {p.name for p in out.iterdir()}
+    assert any(len(data) > 1_000_000 for data in repo["files"].values())  # the weights went through LFS
+    for name, data in repo["files"].items():
+        assert TOKEN.encode() not in data, name
+    assert b'alice/tiny-wanda' in repo["files"]["README.md"]  # the usage snippet names the pushed repo
+
+    fresh_cache = tmp_path / "fresh_home"
+    reloaded = tmp_path / "reloaded.pt"
+    subprocess.run([sys.executable, "-c", RELOAD, "alice/tiny-wanda", str(reloaded)], check=True, cwd=ROOT,
+                   capture_output=True, env={"PATH": "", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN,
+                                             "HF_HOME": str(fresh_cache), "HF_HUB_DISABLE_XET": "1"})
+    expected = fingerprint(result.model)
+    for loader, logits in torch.load(reloaded).items():
+        assert torch.equal(logits, expected), loader
+
+
+def test_failed_push_keeps_the_folder_and_says_how_to_retry(hub, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.fail_commits = True
+    out = tmp_path / "out"
+    with pytest.raises(PushError, match=r"kept in .*retry with: hfcompress push .*out --to alice/fails") as error:
+        _compress(tiny, out, push_to="alice/fails")
+    assert TOKEN not in str(error.value)
+    assert (out / "hfcompress.json").is_file() and any(out.glob("*.safetensors"))
+
+    hub.fail_commits = False  # the printed retry command works
+    retry = subprocess.run([sys.executable, "-m", "hfcompress", "push", str(out), "--to", "alice/fails"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert retry.returncode == 0, retry.stderr
+    assert "hfcompress.json" in hub.repos["alice/fails"]["files"]
+
+
+def test_push_refuses_the_source_repo(tiny, tmp_path):
+    out = tmp_path / "out"
+    _compress(tiny, out)
+    metadata = json.loads((out / "hfcompress.json").read_text())
+    metadata["recipe"]["model"]["id"] = "org/base-model"  # as if it had been made from a Hub repo
+    (out / "hfcompress.json").write_text(json.dumps(metadata))
+    with pytest.raises(PushError, match="source model"):
+        push(str(out), "org/base-model")
+    with pytest.raises(PushError, match="namespace/name"):
+        push(str(out), "no-namespace")

@@ -1,0 +1,68 @@
+import pytest
+
+from hfcompress import Recipe, make_config
+from hfcompress.errors import InvalidOptionError, OutputExistsError, PushError, UnknownMethodError
+from hfcompress.methods.wanda import WandaConfig
+
+YAML = """
+model: HuggingFaceTB/SmolLM2-135M
+steps:
+  - {method: magnitude, sparsity: 0.3}
+  - {method: wanda, pattern: "2:4"}
+calibration: {source: builtin, n_samples: 64, seq_len: 512, seed: 3}
+output: {dir: out/never-written, push_to: me/smollm2-compressed, private: true}
+"""
+
+
+def test_yaml_and_python_build_the_same_recipe():
+    from_yaml = Recipe.from_yaml(YAML)
+    from_python = Recipe(
+        model="HuggingFaceTB/SmolLM2-135M",
+        steps=[make_config("magnitude", {"sparsity": 0.3}), WandaConfig(pattern="2:4")],
+        calibration={"source": "builtin", "n_samples": 64, "seq_len": 512, "seed": 3},
+        output={"dir": "out/never-written", "push_to": "me/smollm2-compressed", "private": True},
+    )
+    assert from_yaml == from_python
+    assert Recipe.from_yaml(from_yaml.to_yaml()) == from_yaml  # round trip
+
+
+def test_cli_strings_are_coerced_to_the_field_types():
+    config = make_config("wanda", {"sparsity": "0.6", "sequential": "false", "targets": "*.mlp.*,*.self_attn.*"})
+    assert config == WandaConfig(sparsity=0.6, sequential=False, targets=("*.mlp.*", "*.self_attn.*"))
+
+
+@pytest.mark.parametrize("data, error, message", [
+    ({"model": "m", "steps": [{"method": "prune_all"}]}, UnknownMethodError, "valid methods: .*`wanda`"),
+    ({"model": "m", "steps": [{"method": "wanda", "sparsty": 0.5}]}, InvalidOptionError,
+     "sparsty.*valid options: .*`sparsity`"),
+    ({"model": "m", "steps": [{"method": "wanda", "sparsity": 1.5}]}, InvalidOptionError, r"\[0, 1\)"),
+    ({"model": "m", "steps": [{"method": "wanda", "pattern": "4:2"}]}, InvalidOptionError, "N < M"),
+    ({"model": "m", "steps": [{"method": "wanda", "sparsity": "half"}]}, InvalidOptionError, "expects float"),
+    ({"model": "m", "steps": [], "calibrate": {}}, InvalidOptionError, "valid keys"),
+    ({"model": "m", "steps": [], "calibration": {"samples": 3}}, InvalidOptionError, "n_samples"),
+    ({"steps": []}, InvalidOptionError, "no `model`"),
+])
+def test_bad_recipes_fail_at_construction_naming_valid_choices(data, error, message):
+    with pytest.raises(error, match=message):
+        Recipe.from_dict(data)
+
+
+def test_validate_refuses_an_existing_output_folder_unless_overwrite(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    recipe = Recipe(model="m", steps=[WandaConfig()], output={"dir": str(tmp_path)})
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        recipe.validate()
+    Recipe(model="m", steps=[WandaConfig()], output={"dir": str(tmp_path), "overwrite": True}).validate()
+    Recipe(model="m", steps=[WandaConfig()], output={"dir": str(tmp_path / "new")}).validate()
+
+
+def test_validate_refuses_pushing_to_the_source_repo():
+    with pytest.raises(PushError, match="source model"):
+        Recipe(model="org/model", steps=[WandaConfig()], output={"push_to": "org/model"}).validate()
+
+
+def test_validate_needs_steps_and_positive_sizes():
+    with pytest.raises(InvalidOptionError, match="no steps"):
+        Recipe(model="m").validate()
+    with pytest.raises(InvalidOptionError, match="n_samples must be positive"):
+        Recipe(model="m", steps=[WandaConfig()], calibration={"n_samples": 0}).validate()
