@@ -19,7 +19,7 @@ from typing import Any
 from .errors import HfCompressError, InvalidOptionError, choices
 from .options import config_fields, config_to_dict, make_config
 from .recipe import CalibrationSpec, EvaluationSpec, ModelSpec, OutputSpec, Recipe
-from .registry import available_methods
+from .registry import available_methods, methods_table
 
 EXAMPLES = """examples:
   hfcompress compress builtin:smollm2-135m --method wanda --sparsity 0.5 --out out/smollm2-wanda
@@ -138,17 +138,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe.from_dict(data)
 
 
-def _methods_table() -> str:
-    rows = ["| method | paper | calibration | models |", "|---|---|---|---|"]
-    for name, spec in available_methods().items():
-        rows.append(f"| `{name}` | {spec.paper} | {'yes' if spec.needs_calibration else 'no'} | "
-                    f"{', '.join(spec.supports)} |")
-    return "\n".join(rows)
-
-
 def _run(args: argparse.Namespace) -> None:
     if args.command == "methods":
-        print(_methods_table())
+        print(methods_table())
     elif args.command == "compress":
         from .pipeline import compress
 

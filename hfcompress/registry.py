@@ -116,3 +116,12 @@ def get_method(name: str) -> MethodSpec:
     if name not in methods:
         raise UnknownMethodError(f"unknown method {name!r}; valid methods: {choices(methods)}")
     return methods[name]
+
+
+def methods_table() -> str:
+    """Markdown table of the registered methods (printed by `hfcompress methods`, embedded in the README)."""
+    rows = ["| method | what it does | paper | calibration | models |", "|---|---|---|---|---|"]
+    for name, spec in available_methods().items():
+        rows.append(f"| `{name}` | {spec.summary} | {spec.paper} | {'yes' if spec.needs_calibration else 'no'} | "
+                    f"{', '.join(spec.supports)} |")
+    return "\n".join(rows)

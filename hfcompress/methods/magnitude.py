@@ -39,7 +39,7 @@ class MagnitudeConfig(PruningConfig):
           supports=("causal-lm", "encoder", "vision", "vision-language"))
 @torch.no_grad()
 def magnitude(model: nn.Module, config: MagnitudeConfig, calibration, device: torch.device | str) -> Report:
-    """Magnitude pruning: drop the weights with the smallest |W|, per row or per layer."""
+    """Magnitude pruning: zero the smallest-magnitude weights, per output row or per layer."""
     modules, numel = {}, {}
     for prefix, block in named_blocks(model):
         for name, layer in pruning_targets(block, config, prefix).items():

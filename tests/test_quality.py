@@ -1,0 +1,77 @@
+"""Quality moves the right way on real pretrained models (SmolLM2-135M, all-MiniLM-L6-v2), on small fast settings.
+The full comparison with recorded numbers lives in bench/."""
+
+import pytest
+import torch
+
+import hfcompress
+from tests.conftest import fresh_logits
+from tests.tiny_models import minilm_folder
+
+FAST = {"calibration": {"n_samples": 16, "seq_len": 256}, "evaluation": {"seq_len": 256, "n_windows": 8,
+                                                                          "speed": False}}
+
+
+@pytest.fixture(scope="module")
+def smollm2_results(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wanda") / "out"
+    results = {}
+    for key, step, output in [("magnitude", {"method": "magnitude", "sparsity": 0.5}, {}),
+                              ("wanda", {"method": "wanda", "sparsity": 0.5}, {"dir": str(out)}),
+                              ("wanda-2:4", {"method": "wanda", "pattern": "2:4"}, {})]:
+        results[key] = hfcompress.compress({"model": smollm2, "steps": [step], **FAST, "output": output},
+                                           log=lambda line: None)
+    return results, out
+
+
+def test_wanda_beats_magnitude_and_unstructured_beats_2_4(smollm2_results):
+    results, _ = smollm2_results
+    dense = results["wanda"].before["perplexity"]
+    ppl = {key: result.after["perplexity"] for key, result in results.items()}
+    print(f"SmolLM2-135M perplexity: dense {dense:.2f}, " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+    assert 10 < dense < 60
+    assert ppl["wanda"] < 3 * dense                 # Wanda 50 %: roughly doubles perplexity on this small model
+    assert ppl["magnitude"] > 3 * ppl["wanda"]      # magnitude 50 % is far worse
+    assert ppl["wanda"] < ppl["wanda-2:4"] < ppl["magnitude"] * 2
+
+
+def test_saved_smollm2_reloads_with_identical_logits_and_reports_its_size(smollm2_results, tmp_path):
+    results, out = smollm2_results
+    result = results["wanda"]
+    on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert result.after["size_bytes"] == on_disk and 400e6 < on_disk < 700e6  # fp32, tied embeddings: ~538 MB
+    ids = torch.arange(100, 164).unsqueeze(0)
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+    assert torch.equal(fresh_logits(str(out), ids, tmp_path), expected)
+    assert torch.equal(fresh_logits(str(out), ids, tmp_path, loader="hfcompress"), expected)
+
+
+SENTENCES = ["A man is eating food.", "The cat sits on the warm windowsill.", "Stock markets fell sharply today.",
+             "She plays the violin in an orchestra.", "The weather will be sunny tomorrow.",
+             "Heavy rain flooded the streets of the old town.", "He repaired the bicycle with a new chain.",
+             "Scientists discovered a new species of frog."]
+
+
+def _embeddings(model, tokenizer):
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state                      # (B, T, H)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def test_minilm_encoder_keeps_its_sentence_embeddings():
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    dense = _embeddings(BertModel.from_pretrained(minilm_folder()), tokenizer)
+    similarity = {}
+    for method in ("magnitude", "wanda"):
+        result = hfcompress.compress({"model": minilm_folder(), "steps": [{"method": method, "sparsity": 0.4}],
+                                      "calibration": {"n_samples": 16, "seq_len": 128}},
+                                     log=lambda line: None)
+        similarity[method] = (_embeddings(result.model, tokenizer) * dense).sum(-1).mean().item()
+    print(f"all-MiniLM-L6-v2, 40 % sparsity, cosine to dense: {similarity}")
+    assert similarity["wanda"] > 0.9
+    assert similarity["wanda"] > similarity["magnitude"]
