@@ -10,14 +10,13 @@ import json
 import sys
 import time
 
+import llmcompressor
 import torch
 from datasets import Dataset
-from safetensors.torch import save_model
-from transformers import AutoModelForCausalLM
-
-import llmcompressor
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM
 
 model_dir, calib_file, sparsity, out_file = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 windows = torch.load(calib_file)                                   # (n_samples, seq_len) token ids

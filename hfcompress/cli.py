@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from .errors import HfCompressError, InvalidOptionError, choices
-from .options import config_fields, config_to_dict, make_config
+from .options import config_fields, config_to_dict, from_values, make_config
 from .recipe import CalibrationSpec, EvaluationSpec, ModelSpec, OutputSpec, Recipe
 from .registry import available_methods, methods_table
 
@@ -60,7 +60,8 @@ def _add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS,
                                 help=f.metadata["help"])
         else:
-            parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(), help=f.metadata["help"])
+            parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(),
+                                help=f.metadata["help"])
 
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +155,8 @@ def _run(args: argparse.Namespace) -> None:
         values = vars(args)
         model = {k.split(".")[1]: v for k, v in values.items() if k.startswith("model.")}
         evaluation = {k.split(".")[1]: v for k, v in values.items() if k.startswith("evaluation.")}
-        metrics = evaluate_model(ModelSpec(id=args.model, **model), EvaluationSpec(**evaluation))
+        metrics = evaluate_model(from_values(ModelSpec, {"id": args.model, **model}, "model"),
+                                 from_values(EvaluationSpec, evaluation, "evaluation"))
         print(json.dumps(metrics, indent=2))
     elif args.command == "push":
         from .hub import push

@@ -33,6 +33,10 @@ class PushError(HfCompressError):
     pass
 
 
+class DiskFullError(HfCompressError):
+    pass
+
+
 def choices(values) -> str:
     """Format valid choices for an error message: `a`, `b`, `c`."""
     return ", ".join(f"`{v}`" for v in values)

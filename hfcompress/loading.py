@@ -59,7 +59,8 @@ def model_family(config: Any) -> str:
         return "vision-language"
     if getattr(config, "vocab_size", None) is None:
         return "vision"
-    if not architectures and config.model_type in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    causal_types = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not architectures and config.model_type in causal_types:
         return "causal-lm"
     return "encoder"
 

@@ -24,8 +24,11 @@ from .formats import save_model, staged_folder, write_metadata
 from .hub import push
 from .loading import ResolvedModel, load_model, load_tokenizer, pick_device, resolve
 from .options import config_to_dict
+from .plots import have_matplotlib, sparsity_map
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
+
+SPARSITY_MAP = "sparsity_map.png"
 
 
 @dataclass
@@ -188,6 +191,10 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
             save_model(model, tokenizer, staging)
             if ev.enabled:
                 after["size_bytes"] = folder_weights_bytes(staging)  # the real size on disk, not an estimate
+            if have_matplotlib() and sparsity_map(model, staging / SPARSITY_MAP):
+                metadata["plots"] = {"sparsity_map": SPARSITY_MAP}
+            elif not have_matplotlib():
+                log("no sparsity map in the card: pip install 'hfcompress[plots]' to draw it")
             write_metadata(staging, metadata)
             (staging / "README.md").write_text(render_card(metadata), encoding="utf-8")
         result.folder = recipe.output.dir

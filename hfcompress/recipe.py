@@ -155,7 +155,8 @@ class Recipe:
             value = getattr(calib, name)
             if value is not None and value <= 0:
                 raise InvalidOptionError(f"calibration {name} must be positive, got {value}")
-        if (self.evaluation.seq_len is not None and self.evaluation.seq_len <= 1) or (self.evaluation.n_windows is not None and self.evaluation.n_windows <= 0):
+        ev = self.evaluation
+        if (ev.seq_len is not None and ev.seq_len <= 1) or (ev.n_windows is not None and ev.n_windows <= 0):
             raise InvalidOptionError("evaluation seq_len must be > 1 and n_windows positive")
         out = self.output
         if out.dir and os.path.exists(out.dir):

@@ -143,7 +143,7 @@ def move_outer(model: nn.Module, device: torch.device) -> None:
     """Move every parameter and buffer outside the transformer blocks (embeddings, final norm, head) to `device`."""
     in_blocks = {id(t) for _, stack in find_block_stacks(model) for t in [*stack.parameters(), *stack.buffers()]}
     for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if id(param) not in in_blocks:
                 param.data = param.data.to(device)  # a tied parameter is one object: moved once for all its users
         for name, buffer in module.named_buffers(recurse=False):
@@ -186,21 +186,25 @@ def _run_stacks(model, stacks, batches, device, process_block, sequential, desc,
         inputs = capture_inputs(model, stack[0], batches, device)
         for index, block in enumerate(tqdm(stack, desc=f"{desc} ({stack_name})", leave=False)):
             block.to(device)
-            first_outputs: list[torch.Tensor] = []
-
-            def run() -> list[torch.Tensor]:
-                outputs = [_hidden_states(block(*args, **kwargs)) for args, kwargs in inputs]
-                if not sequential and not first_outputs:  # one-shot mode feeds the dense outputs forward
-                    first_outputs.extend(outputs)
-                return outputs
-
-            process_block(f"{stack_name}.{index}", block, run)
-            outputs = run() if sequential or not first_outputs else first_outputs
-            inputs = [_with_hidden_states(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs)]
+            inputs = _process_block(f"{stack_name}.{index}", block, inputs, process_block, sequential)
             block.to(homes[id(block)])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        del inputs
+
+
+def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block, sequential: bool) -> Inputs:
+    """Let the method observe and compress `block`; return the inputs of the next block."""
+    dense_outputs: list[torch.Tensor] = []
+
+    def run() -> list[torch.Tensor]:
+        outputs = [_hidden_states(block(*args, **kwargs)) for args, kwargs in inputs]
+        if not sequential and not dense_outputs:  # one-shot mode feeds the dense outputs forward
+            dense_outputs.extend(outputs)
+        return outputs
+
+    process_block(name, block, run)
+    outputs = run() if sequential or not dense_outputs else dense_outputs
+    return [_with_hidden_states(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
 
 
 @contextmanager

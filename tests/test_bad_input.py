@@ -6,8 +6,13 @@ import sys
 import pytest
 
 import hfcompress
-from hfcompress.errors import (CalibrationError, InvalidOptionError, ModelLoadError, OutputExistsError,
-                               UnsupportedModelError)
+from hfcompress.errors import (
+    CalibrationError,
+    InvalidOptionError,
+    ModelLoadError,
+    OutputExistsError,
+    UnsupportedModelError,
+)
 from tests.conftest import ROOT
 
 
@@ -72,7 +77,8 @@ def test_gated_and_missing_repos_give_one_clear_line(hub):
 
 def test_unreachable_hub_gives_one_clear_line():
     result = _cli("compress", "org/some-model", "--method", "wanda", "--no-eval",
-                  env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+                  env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
+                       "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
     assert result.returncode == 2
     assert "could not be reached" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
@@ -82,3 +88,15 @@ def test_cli_unknown_method_and_option(tiny):
     assert result.returncode == 2 and "valid methods: `magnitude`, `wanda`" in result.stderr
     result = _cli("compress", tiny("llama"), "--method", "magnitude", "--sequential", "true")
     assert result.returncode == 2 and "valid options:" in result.stderr and "`scope`" in result.stderr
+
+
+def test_full_disk_is_refused_before_writing_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(hfcompress.HfCompressError, match="not enough disk space.*GB are free"):
+        _run(tiny("llama"), step={"method": "magnitude"}, evaluation={"enabled": False},
+             output={"dir": str(tmp_path / "out")})
+    assert list(tmp_path.iterdir()) == []

@@ -6,8 +6,7 @@ import torch
 from hfcompress.calibration import CalibrationData
 from hfcompress.loading import load_model, resolve
 from hfcompress.methods.wanda import WandaConfig, wanda, wanda_score
-from hfcompress.sequential import (find_block_stacks, find_linears, input_hooks, named_blocks, run_blocks,
-                                   weight_matrix)
+from hfcompress.sequential import find_block_stacks, find_linears, input_hooks, named_blocks, run_blocks, weight_matrix
 from hfcompress.sparsity import keep_mask
 from tests.tiny_models import CAUSAL
 
@@ -48,7 +47,7 @@ def test_engine_replays_every_block_input_exactly(tiny, name):
     assert list(seen) == list(reference) and len(seen) == 3
     for prefix in reference:
         assert len(seen[prefix]) == len(batches)
-        for got, want in zip(seen[prefix], reference[prefix]):
+        for got, want in zip(seen[prefix], reference[prefix], strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
@@ -86,7 +85,8 @@ def test_sequential_mode_differs_only_after_the_first_block(tiny):
     one_shot, sequential = _model(tiny("llama")), _model(tiny("llama"))
     wanda(one_shot, WandaConfig(sequential=False), CalibrationData(torch.cat(batches)), "cpu")
     wanda(sequential, WandaConfig(sequential=True), CalibrationData(torch.cat(batches)), "cpu")
-    masks = [{n: (weight_matrix(l) != 0) for p, b in named_blocks(m) for n, l in find_linears(b, prefix=p).items()}
+    masks = [{n: (weight_matrix(layer) != 0) for p, b in named_blocks(m)
+              for n, layer in find_linears(b, prefix=p).items()}
              for m in (one_shot, sequential)]
     first = [n for n in masks[0] if n.startswith("model.layers.0.")]
     later = [n for n in masks[0] if not n.startswith("model.layers.0.")]

@@ -79,7 +79,8 @@ import hfcompress
 location, out = sys.argv[1:3]
 config = transformers.AutoConfig.from_pretrained(location)
 arch = config.architectures[0]
-plain = transformers.AutoModelForCausalLM if arch.endswith(("ForCausalLM", "LMHeadModel")) else getattr(transformers, arch)
+causal = arch.endswith(("ForCausalLM", "LMHeadModel"))
+plain = transformers.AutoModelForCausalLM if causal else getattr(transformers, arch)
 sys.path.insert(0, os.getcwd())
 from tests.tiny_models import fingerprint
 torch.save({"transformers": fingerprint(plain.from_pretrained(location, dtype=torch.float32)),

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import ModelLoadError, OutputExistsError
+from ..errors import DiskFullError, ModelLoadError, OutputExistsError
 
 METADATA_FILE = "hfcompress.json"
 FORMAT_VERSION = 1
@@ -49,8 +49,20 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
         staging.rename(out)
 
 
+def ensure_space(folder: str | os.PathLike, needed_bytes: int) -> None:
+    """Refuse to start writing when the disk cannot hold the output (with 5 % headroom)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes * 1.05:
+        raise DiskFullError(f"not enough disk space in {str(folder)!r}: the output needs about "
+                            f"{needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; free some space or pick "
+                            "another --out")
+
+
 def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     """Write weights (sharded safetensors), config, generation config and tokenizer."""
+    from ..evaluate import weights_bytes
+
+    ensure_space(folder, weights_bytes(model))
     model.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

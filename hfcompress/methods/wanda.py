@@ -41,7 +41,8 @@ def wanda(model: nn.Module, config: WandaConfig, calibration: CalibrationData, d
 
     def process(prefix: str, block: nn.Module, run) -> None:
         layers = pruning_targets(block, config, prefix)
-        sq_sums = {name: torch.zeros(weight_matrix(layer).shape[1], dtype=torch.float32, device=weight_matrix(layer).device)
+        # per input channel j: sum over calibration tokens of x_j^2, in fp32 whatever the model dtype
+        sq_sums = {name: torch.zeros(weight_matrix(layer).shape[1], device=layer.weight.device)
                    for name, layer in layers.items()}
 
         def observe(name: str, x: torch.Tensor) -> None:

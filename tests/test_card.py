@@ -1,0 +1,46 @@
+import json
+import shutil
+
+import yaml
+from huggingface_hub import ModelCard
+
+import hfcompress
+
+
+def test_card_metadata_table_usage_and_recipe(tiny, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(tiny("qwen2"), source)
+    (source / "README.md").write_text("---\nlicense: mit\n---\n# a base model\n")
+    out = tmp_path / "out"
+    result = hfcompress.compress({"model": str(source), "steps": [{"method": "wanda", "sparsity": 0.5}],
+                                  "calibration": {"n_samples": 4, "seq_len": 32},
+                                  "evaluation": {"seq_len": 64, "n_windows": 2, "speed": True},
+                                  "output": {"dir": str(out)}}, log=lambda line: None)
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert data["license"] == "mit"  # carried over from the base model's card
+    assert {"hfcompress", "wanda"} <= set(data["tags"])
+    ppl = data["model-index"][0]["results"][0]["metrics"][0]
+    assert ppl["type"] == "perplexity" and abs(ppl["value"] - result.after["perplexity"]) < 1e-3
+    for row in ("| perplexity |", "| size (MB) |", "| parameters (M) |", "| sparsity (block Linear weights) |",
+                "| bits per weight |", "| prefill tokens/s |", "| decode tokens/s |"):
+        assert row in card.text
+    assert "AutoModelForCausalLM.from_pretrained" in card.text and "plain transformers" in card.text
+    assert "](sparsity_map.png)" in card.text and (out / "sparsity_map.png").stat().st_size > 1000
+
+    # the card's recipe is the exact recipe, and it rebuilds the same steps
+    recipe = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
+    assert recipe == json.loads((out / "hfcompress.json").read_text())["recipe"]
+    assert hfcompress.Recipe.from_dict(recipe).steps == [hfcompress.make_config("wanda", {"sparsity": 0.5})]
+
+
+def test_card_for_the_builtin_gguf_names_the_hub_base_model():
+    from hfcompress.card import render_card
+
+    metadata = {"family": "causal-lm", "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+                "source": "builtin:smollm2-135m", "steps": [{"method": "magnitude", "paper": "p", "description": "d"}],
+                "recipe": {"model": {"id": "builtin:smollm2-135m"}}, "output": {"push_to": "me/smol-mag"}}
+    card = ModelCard(render_card(metadata))
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert 'from_pretrained("me/smol-mag")' in card.text

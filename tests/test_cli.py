@@ -1,0 +1,48 @@
+import json
+
+import pytest
+import yaml
+
+from hfcompress.cli import build_parser, main, recipe_from_args
+from hfcompress.methods.wanda import WandaConfig
+
+
+def test_flags_build_the_recipe_and_override_a_recipe_file(tmp_path):
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({"model": "org/base", "steps": [{"method": "wanda", "sparsity": 0.5}],
+                                           "calibration": {"n_samples": 64}}))
+    args = build_parser().parse_args(["compress", "--recipe", str(recipe_file), "--sparsity", "0.6",
+                                      "--n-samples", "8", "--out", str(tmp_path / "o")])
+    recipe = recipe_from_args(args)
+    assert recipe.model.id == "org/base"
+    assert recipe.steps == [WandaConfig(sparsity=0.6)]
+    assert recipe.calibration.n_samples == 8 and recipe.output.dir == str(tmp_path / "o")
+
+
+def test_compress_eval_and_card_commands(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["compress", tiny("llama"), "--method", "wanda", "--pattern", "2:4", "--n-samples", "4",
+                 "--seq-len", "32", "--eval-seq-len", "64", "--eval-windows", "2", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| perplexity |" in printed and "| sparsity (block Linear weights) | 0.0% | 50.0% |" in printed
+    metadata = json.loads((out / "hfcompress.json").read_text())
+    assert metadata["steps"][0]["config"]["pattern"] == "2:4"
+    assert metadata["recipe"]["calibration"] == {"source": "builtin", "n_samples": 4, "seq_len": 32, "seed": 0,
+                                                 "text_field": "text", "split": "train"}
+
+    assert main(["eval", str(out), "--eval-seq-len", "64", "--eval-windows", "2"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["sparsity"] == pytest.approx(0.5)
+
+    (out / "README.md").unlink()
+    assert main(["card", str(out), "--repo-id", "me/tiny-24"]) == 0
+    assert 'from_pretrained("me/tiny-24")' in (out / "README.md").read_text()
+
+    assert main(["compress", tiny("llama"), "--method", "wanda", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_methods_command_lists_the_registry(capsys):
+    assert main(["methods"]) == 0
+    assert "| `wanda` |" in capsys.readouterr().out

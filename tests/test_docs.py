@@ -1,0 +1,31 @@
+"""The README and --help describe what exists."""
+
+import re
+from pathlib import Path
+
+from hfcompress.cli import build_parser
+from hfcompress.registry import available_methods, methods_table
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_methods_table_is_the_registry_table():
+    assert methods_table() in README, "regenerate the README table with `hfcompress methods`"
+
+
+def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
+    commands = re.findall(r"^(pip install .*)$", README, re.M)
+    assert any("hfcompress compress builtin:smollm2-135m" in c for c in commands)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_help_lists_every_method_and_option():
+    parser = build_parser()
+    compress_help = parser._subparsers._group_actions[0].choices["compress"].format_help()
+    for name, spec in available_methods().items():
+        assert name in compress_help
+        for field in spec.config_class.__dataclass_fields__:
+            assert "--" + field.replace("_", "-") in compress_help
+    assert "examples:" in compress_help

@@ -1,0 +1,56 @@
+"""The CUDA path: same masks as on the CPU, and device memory bounded by one block. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from hfcompress.calibration import CalibrationData
+from hfcompress.errors import ModelLoadError
+from hfcompress.loading import load_model, pick_device, resolve
+from hfcompress.methods.wanda import WandaConfig, wanda
+from hfcompress.sequential import find_linears, named_blocks, weight_matrix
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ModelLoadError, match="sees no GPU"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"
+
+
+def _masks(model):
+    return {n: (weight_matrix(layer) != 0).cpu() for p, b in named_blocks(model) for n, layer in
+            find_linears(b, prefix=p).items()}
+
+
+@needs_gpu
+def test_cuda_and_cpu_give_the_same_masks_and_the_model_stays_on_the_cpu(tiny):
+    ids = torch.randint(0, 30000, (4, 32), generator=torch.Generator().manual_seed(0))
+    on_cpu, on_gpu = (load_model(resolve(tiny("llama")), "float32") for _ in range(2))
+    wanda(on_cpu, WandaConfig(sequential=False), CalibrationData(ids), "cpu")
+    wanda(on_gpu, WandaConfig(sequential=False), CalibrationData(ids), "cuda")
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+    cpu_masks, gpu_masks = _masks(on_cpu), _masks(on_gpu)
+    agreement = sum((cpu_masks[n] == gpu_masks[n]).sum().item() for n in cpu_masks) / sum(
+        m.numel() for m in cpu_masks.values())
+    assert agreement > 0.999  # GPU matmuls round differently; near-ties may flip
+
+
+@needs_gpu
+def test_peak_gpu_memory_is_about_one_block(tiny, tmp_path):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096,
+                                      num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16)
+    model = transformers.LlamaForCausalLM(config)
+    block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, 1024, (8, 128))
+    torch.cuda.reset_peak_memory_stats()
+    wanda(model, WandaConfig(), CalibrationData(ids), "cuda")
+    peak = torch.cuda.max_memory_allocated()
+    print(f"weights {total_bytes / 2**20:.0f} MiB, one block {block_bytes / 2**20:.0f} MiB, "
+          f"peak GPU {peak / 2**20:.0f} MiB")
+    assert peak < 3 * block_bytes < total_bytes / 4
