@@ -166,7 +166,22 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
                            "config": config_to_dict(step), "stats": report.stats, "modules": report.modules})
     after = measure(model, resolved.family, device, windows, speed=ev.speed, desc="after") if ev.enabled else {}
 
-    metadata = {
+    metadata = _metadata(recipe, resolved, calibration, windows, device, steps_meta, before, after)
+    result = Result(model, tokenizer, reports, before, after, metadata)
+    if recipe.output.dir:
+        _save(result, recipe.output.dir, recipe.output.overwrite, log)
+        log(f"saved to {recipe.output.dir}")
+    if recipe.output.push_to:
+        result.push_url = push(result.folder, recipe.output.push_to, private=recipe.output.private)
+        log(f"pushed: {result.push_url}")
+    return result
+
+
+def _metadata(recipe: Recipe, resolved: ResolvedModel, calibration: CalibrationData | None,
+              windows: torch.Tensor | None, device: torch.device, steps: list[dict], before: dict,
+              after: dict) -> dict[str, Any]:
+    """The content of hfcompress.json (everything the card and `hfcompress.load` need)."""
+    return {
         "hfcompress_version": __version__,
         "libraries": {"torch": torch.__version__, "transformers": _version("transformers"),
                       "huggingface_hub": _version("huggingface_hub"), "safetensors": _version("safetensors")},
@@ -177,34 +192,31 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
         "license": _source_license(resolved),
         "recipe": recipe.to_dict(),
         "calibration": calibration.info if calibration else None,
-        "evaluation": {**dataclasses.asdict(ev), "n_windows_used": None if windows is None else len(windows),
-                       "device": str(device), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "evaluation": {**dataclasses.asdict(recipe.evaluation),
+                       "n_windows_used": None if windows is None else len(windows), "device": str(device),
+                       "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                        "date": datetime.date.today().isoformat()},
-        "steps": steps_meta,
+        "steps": steps,
         "metrics": {"before": before, "after": after},
         "loading": {"trust_remote_code": False, "packages": []},
         "output": {"push_to": recipe.output.push_to},
     }
-    result = Result(model, tokenizer, reports, before, after, metadata)
-    if recipe.output.dir:
-        with staged_folder(recipe.output.dir, recipe.output.overwrite) as staging:
-            save_model(model, tokenizer, staging)
-            if ev.enabled:
-                after["size_bytes"] = folder_weights_bytes(staging)  # the real size on disk, not an estimate
-            if have_matplotlib() and sparsity_map(model, staging / SPARSITY_MAP):
-                metadata["plots"] = {"sparsity_map": SPARSITY_MAP}
-            elif not have_matplotlib():
-                log("no sparsity map in the card: pip install 'hfcompress[plots]' to draw it")
-            write_metadata(staging, metadata)
-            (staging / "README.md").write_text(render_card(metadata), encoding="utf-8")
-        result.folder = recipe.output.dir
-        log(f"saved to {recipe.output.dir}")
-    if recipe.output.push_to:
-        if not result.folder:
-            raise InvalidOptionError("pushing needs an output folder (output.dir / --out)")
-        result.push_url = push(result.folder, recipe.output.push_to, private=recipe.output.private)
-        log(f"pushed: {result.push_url}")
-    return result
+
+
+def _save(result: Result, out_dir: str, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Weights, tokenizer, plots, hfcompress.json and the card, staged in a temporary folder, then renamed."""
+    metadata = result.metadata
+    with staged_folder(out_dir, overwrite) as staging:
+        save_model(result.model, result.tokenizer, staging)
+        if result.after:
+            result.after["size_bytes"] = folder_weights_bytes(staging)  # the real size on disk, not an estimate
+        if not have_matplotlib():
+            log("no sparsity map in the card: pip install 'hfcompress[plots]' to draw it")
+        elif sparsity_map(result.model, staging / SPARSITY_MAP):
+            metadata["plots"] = {"sparsity_map": SPARSITY_MAP}
+        write_metadata(staging, metadata)
+        (staging / "README.md").write_text(render_card(metadata), encoding="utf-8")
+    result.folder = out_dir
 
 
 def _version(package: str) -> str:

@@ -165,6 +165,8 @@ class Recipe:
             if os.listdir(out.dir) and not out.overwrite:
                 raise OutputExistsError(f"output folder {out.dir!r} exists and is not empty; pick another --out or "
                                         "pass --overwrite")
+        if out.push_to and not out.dir:
+            raise InvalidOptionError("pushing needs an output folder: set output.dir (--out)")
         if out.push_to and out.push_to.strip("/") == self.model.id.strip("/"):
             raise PushError(f"refusing to push to {out.push_to!r}: it is the source model; choose a new repo id")
         if out.push_to and out.push_to.count("/") != 1:

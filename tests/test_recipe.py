@@ -56,9 +56,11 @@ def test_validate_refuses_an_existing_output_folder_unless_overwrite(tmp_path):
     Recipe(model="m", steps=[WandaConfig()], output={"dir": str(tmp_path / "new")}).validate()
 
 
-def test_validate_refuses_pushing_to_the_source_repo():
+def test_validate_refuses_pushing_to_the_source_repo_or_without_a_folder():
     with pytest.raises(PushError, match="source model"):
-        Recipe(model="org/model", steps=[WandaConfig()], output={"push_to": "org/model"}).validate()
+        Recipe(model="org/model", steps=[WandaConfig()], output={"dir": "o", "push_to": "org/model"}).validate()
+    with pytest.raises(InvalidOptionError, match="needs an output folder"):
+        Recipe(model="org/model", steps=[WandaConfig()], output={"push_to": "me/new"}).validate()
 
 
 def test_validate_needs_steps_and_positive_sizes():
