@@ -7,6 +7,7 @@ a local `.txt` / `.jsonl` file, a local folder or id that `datasets.load_dataset
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -42,7 +43,14 @@ def read_text(source: str, purpose: str = "calibration", *, text_field: str = "t
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise CalibrationError(f"{source} line {number} is not a JSON object ({error}); expected "
+                                               "one JSON object per line") from None
+                    if not isinstance(record, dict):
+                        raise CalibrationError(f"{source} line {number} is not a JSON object; expected one JSON "
+                                               "object per line (JSON Lines)")
                     if text_field not in record:
                         raise CalibrationError(f"{source} line {number} has no field {text_field!r}; fields: "
                                                f"{sorted(record)} (choose one with text_field)")
@@ -54,18 +62,30 @@ def read_text(source: str, purpose: str = "calibration", *, text_field: str = "t
     return _dataset_text(source, text_field, split)
 
 
+DATASET_CHARS = 20_000_000  # read at most this much text from a dataset (streamed, never downloaded whole)
+
+
 def _dataset_text(source: str, text_field: str, split: str) -> str:
     try:
         import datasets
     except ImportError:
         raise CalibrationError(f"reading {source!r} needs the `datasets` package: pip install datasets") from None
     try:
-        dataset = datasets.load_dataset(source, split=split)
-    except Exception as error:  # datasets raises many types for "not found" / offline / bad split
+        rows = iter(datasets.load_dataset(source, split=split, streaming=True))
+        first = next(rows)
+    except Exception as error:  # datasets raises many types for "not found" / offline / bad split / empty
         raise CalibrationError(f"could not load dataset {source!r} (split {split!r}): {error}") from None
-    if text_field not in dataset.column_names:
-        raise CalibrationError(f"dataset {source!r} has no column {text_field!r}; columns: {dataset.column_names}")
-    return "\n\n".join(str(t) for t in dataset[text_field] if t)
+    if text_field not in first:
+        raise CalibrationError(f"dataset {source!r} has no column {text_field!r}; columns: {sorted(first)}")
+    texts, size = [], 0
+    for row in itertools.chain([first], rows):
+        text = str(row[text_field] or "")
+        texts.append(text)
+        size += len(text)
+        if size >= DATASET_CHARS:
+            break
+    return "\n\n".join(t for t in texts if t)
+
 
 
 def token_stream(tokenizer: Any, text: str) -> torch.Tensor:

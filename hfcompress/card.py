@@ -82,6 +82,7 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         evaluation=evaluation,
         calibration=metadata.get("calibration"),
         plots=metadata.get("plots"),
+        dtype=metadata.get("dtype"),
         usage=_usage(metadata, repo),
         compatibility=_compatibility(metadata),
         recipe_yaml=yaml.safe_dump(metadata["recipe"], sort_keys=False),

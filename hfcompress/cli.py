@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
 from .errors import HfCompressError, InvalidOptionError, choices
-from .options import config_fields, config_to_dict, from_values, make_config
+from .options import config_fields, from_values
 from .recipe import CalibrationSpec, EvaluationSpec, ModelSpec, OutputSpec, Recipe
 from .registry import available_methods, methods_table
 
@@ -122,16 +123,21 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             data.setdefault(section, {})[name] = value
     options = {key.split(".", 1)[1]: value for key, value in values.items() if key.startswith("method.")}
     if args.method:
-        data["steps"] = [config_to_dict(make_config(args.method, options))]
-    elif options:
-        if not data["steps"]:
-            raise InvalidOptionError(f"method options {sorted(options)} given without --method; valid methods: "
-                                     f"{choices(available_methods())}")
-        steps = []
-        for step in data["steps"]:
-            known = {f.name for f in config_fields(available_methods()[step["method"]].config_class)}
-            steps.append({**step, **{k: v for k, v in options.items() if k in known}})
-        data["steps"] = steps
+        # --method replaces the recipe's steps by one step, starting from the recipe's step of that method if any
+        base = next((step for step in data["steps"] if step["method"] == args.method), {"method": args.method})
+        data["steps"] = [{**base, **options}]
+    elif options and not data["steps"]:
+        raise InvalidOptionError(f"method options {sorted(options)} given without --method; valid methods: "
+                                 f"{choices(available_methods())}")
+    else:
+        fields = [{f.name for f in config_fields(available_methods()[step["method"]].config_class)}
+                  for step in data["steps"]]
+        unused = sorted(set(options) - set().union(*fields))
+        if unused:
+            raise InvalidOptionError(f"option(s) {unused} apply to no step of the recipe "
+                                     f"({', '.join(step['method'] for step in data['steps'])})")
+        data["steps"] = [{**step, **{k: v for k, v in options.items() if k in known}}
+                         for step, known in zip(data["steps"], fields, strict=True)]
     if "model" not in data:
         raise InvalidOptionError("name a MODEL (or give --recipe with a `model`)")
     if args.no_eval:
@@ -168,7 +174,7 @@ def _run(args: argparse.Namespace) -> None:
         from .card import render_card
         from .formats import read_metadata
 
-        metadata = read_metadata(args.folder)
+        metadata = read_metadata(args.folder) if os.path.isdir(args.folder) else None
         if metadata is None:
             raise HfCompressError(f"{args.folder!r} has no hfcompress.json: not an hfcompress output")
         Path(args.folder, "README.md").write_text(render_card(metadata, args.repo_id), encoding="utf-8")
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hfcompress: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hfcompress: interrupted; nothing was written to the output folder", file=sys.stderr)
+        print("hfcompress: interrupted; no half-written output folder was left behind", file=sys.stderr)
         return 130
     return 0
 

@@ -72,15 +72,22 @@ def block_linear_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def bits_per_weight(model: nn.Module) -> float:
-    """Stored bits per parameter, averaged over all parameters."""
+def _stored_size(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
+    """Bytes per element as stored: floating tensors in `dtype` when given, the rest as they are."""
+    if dtype is not None and tensor.is_floating_point():
+        return torch.empty((), dtype=dtype).element_size()
+    return tensor.element_size()
+
+
+def bits_per_weight(model: nn.Module, dtype: torch.dtype | None = None) -> float:
+    """Stored bits per parameter, averaged over all parameters (floating ones counted in `dtype` when given)."""
     params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() * p.element_size() * 8 for p in params) / max(1, sum(p.numel() for p in params))
+    return sum(p.numel() * _stored_size(p, dtype) * 8 for p in params) / max(1, sum(p.numel() for p in params))
 
 
-def weights_bytes(model: nn.Module) -> int:
-    """Bytes of the state that safetensors stores, each storage once."""
-    return sum(t.numel() * t.element_size() for t in unique_tensors(model))
+def weights_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the state that safetensors stores, each storage once (floating ones in `dtype` when given)."""
+    return sum(t.numel() * _stored_size(t, dtype) for t in unique_tensors(model))
 
 
 def folder_weights_bytes(folder: str) -> int:
@@ -130,13 +137,14 @@ def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.devi
 
 
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,
-            speed: bool = True, desc: str = "") -> dict[str, Any]:
-    """Every number of the before/after table that can be read off the model in memory."""
+            speed: bool = True, desc: str = "", storage_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Every number of the before/after table that can be read off the model in memory; size and bits count
+    floating weights in `storage_dtype` (the dtype they are saved in) when given."""
     metrics: dict[str, Any] = {
         "parameters": parameter_count(model),
-        "size_bytes": weights_bytes(model),
+        "size_bytes": weights_bytes(model, storage_dtype),
         "sparsity": round(block_linear_sparsity(model), 6),
-        "bits_per_weight": round(bits_per_weight(model), 4),
+        "bits_per_weight": round(bits_per_weight(model, storage_dtype), 4),
     }
     if family == "causal-lm" and windows is not None:
         with on_device(model, device):

@@ -38,6 +38,10 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
     retry = f"hfcompress push {shlex.quote(folder)} --to {shlex.quote(repo_id)}" + (" --private" if private else "")
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if private and not api.repo_info(repo_id, repo_type="model").private:
+            raise PushError(f"{repo_id!r} already exists and is public, and --private does not change an existing "
+                            "repo: make it private on the Hub first, or push to a new name. The compressed model is "
+                            f"kept in {folder!r}")
         commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
                                    commit_message=commit_message or "Upload model compressed with hfcompress")
     except (hub_errors.HfHubHTTPError, OSError, ValueError) as error:

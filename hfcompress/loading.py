@@ -35,11 +35,18 @@ class ResolvedModel:
     location: str           # repo id or local folder handed to from_pretrained
     kind: str               # "hub", "local" or "gguf"
     config: Any
-    family: str             # causal-lm, encoder, vision, vision-language
+    family: str             # causal-lm, encoder, seq2seq, vision, vision-language
     base_model: str | None  # Hub id for the card's base_model, when known
     revision: str | None = None
     gguf_file: str | None = None
     trust_remote_code: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The checkpoint's floating dtype, as its config records it (None when it does not)."""
+        value = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        value = getattr(torch, value, None) if isinstance(value, str) else value
+        return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
     @property
     def context_length(self) -> int | None:
@@ -51,8 +58,10 @@ class ResolvedModel:
 
 
 def model_family(config: Any) -> str:
-    """causal-lm, encoder, vision or vision-language, from the config alone."""
+    """causal-lm, encoder, seq2seq, vision or vision-language, from the config alone."""
     architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal-lm"
     if hasattr(config, "vision_config") and hasattr(config, "text_config"):
@@ -102,19 +111,28 @@ def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool
     if source_path.endswith(".gguf"):
         if not os.path.isfile(source_path):
             raise ModelLoadError(f"GGUF file {source!r} does not exist")
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelLoadError("reading GGUF files needs the `gguf` package: pip install 'hfcompress[gguf]'")
         folder, gguf_file = os.path.split(os.path.abspath(source_path))
-        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        config = _read_config(source, folder, gguf_file=gguf_file)
         return ResolvedModel(source, folder, "gguf", config, model_family(config), base_model, gguf_file=gguf_file)
     if os.path.isdir(source_path):
         if not os.path.isfile(os.path.join(source_path, "config.json")):
             raise ModelLoadError(f"{source!r} is a folder without config.json: not a Hugging Face model folder")
-        config = AutoConfig.from_pretrained(source_path, trust_remote_code=trust_remote_code)
+        config = _read_config(source, source_path, trust_remote_code=trust_remote_code)
         return ResolvedModel(source, source_path, "local", config, model_family(config), None,
                              trust_remote_code=trust_remote_code)
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not REPO_ID.match(source):
         raise ModelLoadError(f"local path {source!r} does not exist (and it is not a Hub repo id like `org/name`)")
+    config = _read_config(source, source, revision=revision, trust_remote_code=trust_remote_code)
+    return ResolvedModel(source, source, "hub", config, model_family(config), source, revision=revision,
+                         trust_remote_code=trust_remote_code)
+
+
+def _read_config(source: str, location: str, **kwargs: Any) -> Any:
+    """AutoConfig, with every failure turned into a ModelLoadError that says what to do."""
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, hub_errors.HfHubHTTPError, ConnectionError) as error:
         cause = error.__cause__ if isinstance(error, OSError) and error.__cause__ else error
         raise _hub_error(source, cause) from None
@@ -122,9 +140,8 @@ def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool
         if "trust_remote_code" in str(error):
             raise ModelLoadError(f"model {source!r} needs remote code; pass trust_remote_code=True "
                                  "(--trust-remote-code) if you trust that repo") from None
-        raise
-    return ResolvedModel(source, source, "hub", config, model_family(config), source, revision=revision,
-                         trust_remote_code=trust_remote_code)
+        raise ModelLoadError(f"model {source!r}: transformers cannot read its config ({str(error).splitlines()[0]}); "
+                             "a newer transformers may know this architecture") from None
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype | str:
@@ -190,13 +207,18 @@ def load_model(model: ResolvedModel, dtype: str = "auto", device: torch.device |
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto`: the first CUDA device when there is one, else the CPU."""
+    """`auto`: the first CUDA device when there is one, else the CPU. Only `cpu` and `cuda[:N]` are supported."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = "valid: `auto`, `cpu`, `cuda`, `cuda:N`"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ModelLoadError(f"unknown device {name!r}; valid: `auto`, `cpu`, `cuda`, `cuda:N`") from None
+        raise ModelLoadError(f"unknown device {name!r}; {valid}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {name!r} is not supported; {valid}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device `cuda` was asked for but torch sees no GPU; use `auto` or `cpu`")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {name!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
     return device

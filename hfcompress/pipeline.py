@@ -59,6 +59,17 @@ def _as_recipe(recipe: Recipe | dict | str) -> Recipe:
 
 def check_support(resolved: ResolvedModel, recipe: Recipe) -> None:
     """Every step supports the model's family; fail before loading weights when one does not."""
+    config = resolved.config
+    configs = [config, getattr(config, "text_config", None)]
+    if resolved.kind != "gguf" and getattr(config, "quantization_config", None):
+        raise UnsupportedModelError(f"{resolved.source!r} is already quantized "
+                                    f"({dict(config.quantization_config).get('quant_method', 'unknown method')}); "
+                                    "compress its original full-precision checkpoint instead")
+    experts = [getattr(c, name, None) for c in configs if c is not None
+               for name in ("num_local_experts", "num_experts", "n_routed_experts")]
+    if any(isinstance(n, int) and n > 1 for n in experts):
+        raise UnsupportedModelError(f"{resolved.source!r} is a mixture-of-experts model; its experts are fused "
+                                    "tensors rather than Linear layers, which no method handles yet")
     for step in recipe.steps:
         spec = get_method(type(step).method)
         if resolved.family not in spec.supports:
@@ -115,6 +126,8 @@ def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch
 
 def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec) -> dict[str, Any]:
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
+    if (ev.seq_len is not None and ev.seq_len <= 1) or (ev.n_windows is not None and ev.n_windows <= 0):
+        raise InvalidOptionError("evaluation seq_len must be > 1 and n_windows positive")
     device = pick_device(model_spec.device)
     resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code)
     ev = resolve_defaults(Recipe(model_spec, evaluation=ev), resolved, device).evaluation
@@ -152,7 +165,10 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
 
     log(f"loading {recipe.model.id} on cpu (compute device: {device})")
     model = load_model(resolved, recipe.model.dtype, device)
-    before = measure(model, resolved.family, device, windows, speed=ev.speed, desc="before") if ev.enabled else {}
+    # Saved in the checkpoint's own dtype (a bf16 model computed in fp32 on a CPU is stored in bf16 again).
+    storage_dtype = resolved.dtype or model.dtype
+    before = (measure(model, resolved.family, device, windows, speed=ev.speed, desc="before",
+                      storage_dtype=storage_dtype) if ev.enabled else {})
 
     reports, steps_meta = [], []
     for step in recipe.steps:
@@ -164,12 +180,15 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
         reports.append(report)
         steps_meta.append({"method": spec.name, "paper": spec.paper, "description": _describe(step, report),
                            "config": config_to_dict(step), "stats": report.stats, "modules": report.modules})
-    after = measure(model, resolved.family, device, windows, speed=ev.speed, desc="after") if ev.enabled else {}
+    after = (measure(model, resolved.family, device, windows, speed=ev.speed, desc="after",
+                     storage_dtype=storage_dtype) if ev.enabled else {})
 
     metadata = _metadata(recipe, resolved, calibration, windows, device, steps_meta, before, after)
+    metadata["dtype"] = {"compute": str(model.dtype).removeprefix("torch."),
+                         "saved": str(storage_dtype).removeprefix("torch.")}
     result = Result(model, tokenizer, reports, before, after, metadata)
     if recipe.output.dir:
-        _save(result, recipe.output.dir, recipe.output.overwrite, log)
+        _save(result, recipe, log)
         log(f"saved to {recipe.output.dir}")
     if recipe.output.push_to:
         result.push_url = push(result.folder, recipe.output.push_to, private=recipe.output.private)
@@ -198,15 +217,16 @@ def _metadata(recipe: Recipe, resolved: ResolvedModel, calibration: CalibrationD
                        "date": datetime.date.today().isoformat()},
         "steps": steps,
         "metrics": {"before": before, "after": after},
-        "loading": {"trust_remote_code": False, "packages": []},
+        "loading": {"trust_remote_code": bool(getattr(resolved.config, "auto_map", None)), "packages": []},
         "output": {"push_to": recipe.output.push_to},
     }
 
 
-def _save(result: Result, out_dir: str, overwrite: bool, log: Callable[[str], None]) -> None:
+def _save(result: Result, recipe: Recipe, log: Callable[[str], None]) -> None:
     """Weights, tokenizer, plots, hfcompress.json and the card, staged in a temporary folder, then renamed."""
-    metadata = result.metadata
-    with staged_folder(out_dir, overwrite) as staging:
+    metadata, out_dir = result.metadata, recipe.output.dir
+    with staged_folder(out_dir, recipe.output.overwrite, recipe.model.id) as staging:
+        result.model.to(getattr(torch, metadata["dtype"]["saved"]))
         save_model(result.model, result.tokenizer, staging)
         if result.after:
             result.after["size_bytes"] = folder_weights_bytes(staging)  # the real size on disk, not an estimate

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .errors import InvalidOptionError, OutputExistsError, PushError, choices
+from .errors import InvalidOptionError, PushError, choices
+from .formats import check_output_folder
 from .options import config_to_dict, from_values, make_config, option
 from .registry import get_method
 
@@ -129,7 +130,12 @@ class Recipe:
         if os.path.isfile(path_or_text):
             with open(path_or_text, encoding="utf-8") as handle:
                 path_or_text = handle.read()
-        data = yaml.safe_load(path_or_text)
+        elif path_or_text.strip().endswith((".yaml", ".yml")) and "\n" not in path_or_text.strip():
+            raise InvalidOptionError(f"recipe file {path_or_text!r} does not exist")
+        try:
+            data = yaml.safe_load(path_or_text)
+        except yaml.YAMLError as error:
+            raise InvalidOptionError(f"the recipe is not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise InvalidOptionError("a recipe must be a YAML mapping with at least `model` and `steps`")
         return cls.from_dict(data)
@@ -159,12 +165,8 @@ class Recipe:
         if (ev.seq_len is not None and ev.seq_len <= 1) or (ev.n_windows is not None and ev.n_windows <= 0):
             raise InvalidOptionError("evaluation seq_len must be > 1 and n_windows positive")
         out = self.output
-        if out.dir and os.path.exists(out.dir):
-            if not os.path.isdir(out.dir):
-                raise OutputExistsError(f"output path {out.dir!r} exists and is a file")
-            if os.listdir(out.dir) and not out.overwrite:
-                raise OutputExistsError(f"output folder {out.dir!r} exists and is not empty; pick another --out or "
-                                        "pass --overwrite")
+        if out.dir:
+            check_output_folder(out.dir, out.overwrite, self.model.id)
         if out.push_to and not out.dir:
             raise InvalidOptionError("pushing needs an output folder: set output.dir (--out)")
         if out.push_to and out.push_to.strip("/") == self.model.id.strip("/"):

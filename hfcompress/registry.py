@@ -18,7 +18,7 @@ from .errors import UnknownMethodError, choices
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "hfcompress.methods"
-MODEL_FAMILIES = ("causal-lm", "encoder", "vision", "vision-language")
+MODEL_FAMILIES = ("causal-lm", "encoder", "seq2seq", "vision", "vision-language")
 
 
 @dataclass

@@ -186,10 +186,12 @@ def _run_stacks(model, stacks, batches, device, process_block, sequential, desc,
         inputs = capture_inputs(model, stack[0], batches, device)
         for index, block in enumerate(tqdm(stack, desc=f"{desc} ({stack_name})", leave=False)):
             block.to(device)
-            inputs = _process_block(f"{stack_name}.{index}", block, inputs, process_block, sequential)
-            block.to(homes[id(block)])
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            try:
+                inputs = _process_block(f"{stack_name}.{index}", block, inputs, process_block, sequential)
+            finally:  # an error or Ctrl-C must not leave a block on the GPU
+                block.to(homes[id(block)])
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block, sequential: bool) -> Inputs:

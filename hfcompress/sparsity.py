@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import InvalidOptionError, UnsupportedModelError
 from .options import option
-from .sequential import find_linears, weight_matrix
+from .sequential import find_linears, named_blocks, weight_matrix
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -89,16 +89,25 @@ def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.reshape(score.shape)
 
 
-def pruning_targets(block: nn.Module, config: PruningConfig, prefix: str) -> dict[str, nn.Module]:
-    """The layers of `block` to prune; checks up front that every one can take the requested N:M pattern."""
-    layers = find_linears(block, config.targets, prefix)
+def pruning_targets(model: nn.Module, config: PruningConfig) -> dict[str, dict[str, nn.Module]]:
+    """Block name -> {layer name: layer} to prune. Checked before anything changes: the targets must match at least
+    one layer, and every matched layer must take the N:M pattern."""
+    targets = {prefix: find_linears(block, config.targets, prefix) for prefix, block in named_blocks(model)}
+    if not targets:
+        raise UnsupportedModelError(f"{type(model).__name__} has no stack of transformer blocks with Linear layers")
+    if not any(targets.values()):
+        prefix, block = next(named_blocks(model))
+        examples = list(find_linears(block, (), prefix))
+        raise InvalidOptionError(f"targets {list(config.targets)} match no Linear layer of the blocks; layer names "
+                                 f"look like {examples[:4]}")
     nm = config.nm
     if nm:
-        bad = [name for name, layer in layers.items() if weight_matrix(layer).shape[1] % nm[1]]
+        bad = [name for layers in targets.values() for name, layer in layers.items()
+               if weight_matrix(layer).shape[1] % nm[1]]
         if bad:
             raise UnsupportedModelError(f"pattern {config.pattern} needs in_features divisible by {nm[1]}; "
                                         f"not the case for {bad[:3]}")
-    return layers
+    return targets
 
 
 def apply_mask(layer: nn.Module, keep: torch.Tensor) -> dict[str, Any]:

@@ -100,3 +100,37 @@ def test_full_disk_is_refused_before_writing_and_leaves_nothing(tiny, tmp_path, 
         _run(tiny("llama"), step={"method": "magnitude"}, evaluation={"enabled": False},
              output={"dir": str(tmp_path / "out")})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_targets_matching_nothing_name_real_layers(tiny, no_weights, monkeypatch):
+    from hfcompress.errors import InvalidOptionError
+    from hfcompress.loading import load_model, resolve
+    from hfcompress.methods.wanda import WandaConfig, wanda
+
+    model = load_model(resolve(tiny("llama")), "float32")
+    with pytest.raises(InvalidOptionError, match="match no Linear layer.*model.layers.0.self_attn.q_proj"):
+        wanda(model, WandaConfig(targets=("mlp.*",)), None, "cpu")
+
+
+def test_seq2seq_moe_and_prequantized_models_are_refused_before_loading(tmp_path, no_weights):
+    import transformers
+
+    t5 = transformers.T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    mixtral = transformers.MixtralConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                         architectures=["MixtralForCausalLM"])
+    quantized = transformers.LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, architectures=["LlamaForCausalLM"],
+                                         quantization_config={"quant_method": "gptq", "bits": 4})
+    for name, config, message in [("t5", t5, r"\(seq2seq\)"), ("mixtral", mixtral, "mixture-of-experts"),
+                                  ("gptq", quantized, "already quantized \\(gptq\\)")]:
+        config.save_pretrained(tmp_path / name)
+        with pytest.raises(UnsupportedModelError, match=message):
+            _run(str(tmp_path / name))
+
+
+def test_bad_device_names_the_valid_ones():
+    from hfcompress.loading import pick_device
+
+    with pytest.raises(ModelLoadError, match="not supported; valid: `auto`, `cpu`"):
+        pick_device("mps")

@@ -36,6 +36,10 @@ def test_local_txt_and_jsonl_sources(tmp_path):
     assert load_calibration(tok, str(jsonl), 4, 32, seed=0, text_field="body").input_ids.shape == (4, 32)
     with pytest.raises(CalibrationError, match="no field 'text'"):
         load_calibration(tok, str(jsonl), 4, 32, seed=0)
+    array = tmp_path / "array.json"
+    array.write_text('["a", "b"]')
+    with pytest.raises(CalibrationError, match="line 1 is not a JSON object"):
+        load_calibration(tok, str(array), 4, 32, seed=0)
 
 
 def test_datasets_source_from_a_local_dataset_folder(tmp_path):

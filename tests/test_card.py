@@ -44,3 +44,27 @@ def test_card_for_the_builtin_gguf_names_the_hub_base_model():
     card = ModelCard(render_card(metadata))
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert 'from_pretrained("me/smol-mag")' in card.text
+
+
+def test_a_bf16_checkpoint_is_measured_in_fp32_on_cpu_and_saved_in_bf16(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from tests.tiny_models import build
+
+    source = tmp_path / "bf16"
+    build("llama", source)
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    model.save_pretrained(source)
+    out = tmp_path / "out"
+    result = hfcompress.compress({"model": str(source), "steps": [{"method": "magnitude"}],
+                                  "evaluation": {"seq_len": 64, "n_windows": 2, "speed": False},
+                                  "output": {"dir": str(out)}}, log=lambda line: None)
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+    source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    assert abs(result.before["size_bytes"] - source_bytes) < 0.01 * source_bytes
+    assert abs(result.after["size_bytes"] - source_bytes) < 0.01 * source_bytes
+    assert result.before["bits_per_weight"] == 16
+    card = (out / "README.md").read_text()
+    assert "Measured in float32; the weights are stored in bfloat16" in card

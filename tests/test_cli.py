@@ -46,3 +46,22 @@ def test_compress_eval_and_card_commands(tiny, tmp_path, capsys):
 def test_methods_command_lists_the_registry(capsys):
     assert main(["methods"]) == 0
     assert "| `wanda` |" in capsys.readouterr().out
+
+
+def test_method_flag_keeps_the_recipe_step_options_and_unused_flags_are_errors(tmp_path):
+    from hfcompress.errors import InvalidOptionError
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({"model": "org/base", "steps": [
+        {"method": "wanda", "sparsity": 0.3, "targets": ["*.mlp.*"]}]}))
+    args = build_parser().parse_args(["compress", "--recipe", str(recipe_file), "--method", "wanda",
+                                      "--pattern", "unstructured"])
+    assert recipe_from_args(args).steps == [WandaConfig(sparsity=0.3, targets=("*.mlp.*",))]
+    args = build_parser().parse_args(["compress", "--recipe", str(recipe_file), "--scope", "layer"])
+    with pytest.raises(InvalidOptionError, match="apply to no step"):
+        recipe_from_args(args)
+
+
+def test_card_on_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["card", str(tmp_path / "nope")]) == 2
+    assert "not an hfcompress output" in capsys.readouterr().err

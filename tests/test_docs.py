@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 from hfcompress.cli import build_parser
+from hfcompress.options import config_fields
 from hfcompress.registry import available_methods, methods_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,6 @@ def test_help_lists_every_method_and_option():
     compress_help = parser._subparsers._group_actions[0].choices["compress"].format_help()
     for name, spec in available_methods().items():
         assert name in compress_help
-        for field in spec.config_class.__dataclass_fields__:
-            assert "--" + field.replace("_", "-") in compress_help
+        for field in config_fields(spec.config_class):
+            assert "--" + field.name.replace("_", "-") in compress_help
     assert "examples:" in compress_help

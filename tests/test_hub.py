@@ -72,3 +72,13 @@ def test_push_refuses_the_source_repo(tiny, tmp_path):
         push(str(out), "org/base-model")
     with pytest.raises(PushError, match="namespace/name"):
         push(str(out), "no-namespace")
+
+
+def test_private_push_into_an_existing_public_repo_is_refused(hub, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / "out"
+    _compress(tiny, out)
+    push(str(out), "alice/public-one")
+    with pytest.raises(PushError, match="exists and is public"):
+        push(str(out), "alice/public-one", private=True)
+    assert hub.commits == 1

@@ -52,8 +52,32 @@ def test_validate_refuses_an_existing_output_folder_unless_overwrite(tmp_path):
     recipe = Recipe(model="m", steps=[WandaConfig()], output={"dir": str(tmp_path)})
     with pytest.raises(OutputExistsError, match="--overwrite"):
         recipe.validate()
+    with pytest.raises(OutputExistsError, match="only replaces an earlier hfcompress output"):
+        Recipe(model="m", steps=[WandaConfig()], output={"dir": str(tmp_path), "overwrite": True}).validate()
+    (tmp_path / "hfcompress.json").write_text("{}")
     Recipe(model="m", steps=[WandaConfig()], output={"dir": str(tmp_path), "overwrite": True}).validate()
     Recipe(model="m", steps=[WandaConfig()], output={"dir": str(tmp_path / "new")}).validate()
+
+
+def test_validate_never_lets_the_output_overlap_the_source_or_the_working_folder(tmp_path, monkeypatch):
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    for out in (source, source / "sub", tmp_path):
+        with pytest.raises(OutputExistsError, match="overlap the source"):
+            Recipe(model=str(source), steps=[WandaConfig()], output={"dir": str(out), "overwrite": True}).validate()
+    monkeypatch.chdir(source / "..")
+    with pytest.raises(OutputExistsError, match="working or home folder"):
+        Recipe(model="org/m", steps=[WandaConfig()], output={"dir": ".", "overwrite": True}).validate()
+
+
+def test_recipe_file_errors_are_clear(tmp_path):
+    with pytest.raises(InvalidOptionError, match="does not exist"):
+        Recipe.from_yaml(str(tmp_path / "typo.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(InvalidOptionError, match="not valid YAML"):
+        Recipe.from_yaml(str(bad))
 
 
 def test_validate_refuses_pushing_to_the_source_repo_or_without_a_folder():

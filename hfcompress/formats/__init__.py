@@ -24,12 +24,34 @@ FORMAT_VERSION = 1
 MAX_SHARD_SIZE = "2GB"
 
 
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, source: str | None = None) -> None:
+    """Refuse an output folder that would destroy something: a file, the source model, the working or home folder,
+    or a non-empty folder (only an earlier hfcompress output may be replaced, and only with overwrite)."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {str(out_dir)!r} exists and is a file")
+    if source and os.path.exists(os.path.expanduser(source)):
+        src = Path(source).expanduser().resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise OutputExistsError(f"output folder {str(out_dir)!r} would overlap the source model {source!r}; "
+                                    "the source is never written to: pick another --out")
+    if out in (Path.cwd(), Path.home(), *Path.cwd().parents):
+        raise OutputExistsError(f"output folder {str(out_dir)!r} is the working or home folder (or above them); "
+                                "pick a new folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"output folder {str(out_dir)!r} exists and is not empty; pick another --out "
+                                    "or pass --overwrite")
+        if not (out / METADATA_FILE).is_file():
+            raise OutputExistsError(f"--overwrite only replaces an earlier hfcompress output, and {str(out_dir)!r} "
+                                    f"has no {METADATA_FILE}; pick another --out")
+
+
 @contextmanager
-def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, source: str | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it is deleted."""
-    out = Path(out_dir).resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {str(out_dir)!r} exists and is not empty; pass --overwrite")
+    check_output_folder(out_dir, overwrite, source)
+    out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -108,6 +130,7 @@ def load(path_or_repo: str, **kwargs: Any) -> torch.nn.Module:
                              f"{metadata['format_version']}); pip install -U hfcompress")
     from ..loading import ResolvedModel, model_class, model_family
 
-    config = AutoConfig.from_pretrained(path_or_repo, **hub_kwargs)
+    config = AutoConfig.from_pretrained(path_or_repo, trust_remote_code=kwargs.get("trust_remote_code", False),
+                                        **hub_kwargs)
     resolved = ResolvedModel(path_or_repo, path_or_repo, "local", config, model_family(config), None)
     return model_class(resolved).from_pretrained(path_or_repo, **kwargs).eval()

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import InvalidOptionError
 from ..options import option
 from ..registry import Report, register
-from ..sequential import named_blocks, weight_matrix
+from ..sequential import weight_matrix
 from ..sparsity import PruningConfig, apply_mask, keep_mask, layer_keep_mask, pruning_targets, report_stats
 
 SCOPES = ("row", "layer")
@@ -41,8 +41,8 @@ class MagnitudeConfig(PruningConfig):
 def magnitude(model: nn.Module, config: MagnitudeConfig, calibration, device: torch.device | str) -> Report:
     """Magnitude pruning: zero the smallest-magnitude weights, per output row or per layer."""
     modules, numel = {}, {}
-    for prefix, block in named_blocks(model):
-        for name, layer in pruning_targets(block, config, prefix).items():
+    for layers in pruning_targets(model, config).values():
+        for name, layer in layers.items():
             score = weight_matrix(layer).detach().to(device, torch.float32).abs()  # (out, in)
             if config.scope == "layer":
                 keep = layer_keep_mask(score, config.ratio)

@@ -38,9 +38,12 @@ def wanda_score(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tenso
 def wanda(model: nn.Module, config: WandaConfig, calibration: CalibrationData, device: torch.device | str) -> Report:
     """Wanda: prune by weight magnitude times input activation norm, per output row; no weight update."""
     modules, numel = {}, {}
+    targets = pruning_targets(model, config)
 
     def process(prefix: str, block: nn.Module, run) -> None:
-        layers = pruning_targets(block, config, prefix)
+        layers = targets[prefix]
+        if not layers:  # nothing targeted in this block: the engine still runs it to feed the next one
+            return
         # per input channel j: sum over calibration tokens of x_j^2, in fp32 whatever the model dtype
         sq_sums = {name: torch.zeros(weight_matrix(layer).shape[1], device=layer.weight.device)
                    for name, layer in layers.items()}
