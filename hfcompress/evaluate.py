@@ -16,17 +16,16 @@ from .sequential import find_linears, named_blocks, weight_matrix
 
 
 @contextmanager
-def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+def on_device(model: nn.Module, device: torch.device) -> Iterator[bool]:
     """Run `model` on `device`: moved whole when it fits in free GPU memory, else streamed layer by layer from CPU
-    memory with accelerate's offloading. Back on the CPU afterwards."""
+    memory with accelerate's offloading (yields True then). Back on the CPU afterwards."""
     if device.type != "cuda":
-        yield model
+        yield False
         return
-    weights = sum(t.numel() * t.element_size() for t in unique_tensors(model))
-    if weights < 0.8 * torch.cuda.mem_get_info(device)[0]:
+    if weights_bytes(model) < 0.8 * torch.cuda.mem_get_info(device)[0]:
         model.to(device)
         try:
-            yield model
+            yield False
         finally:
             model.to("cpu")
             torch.cuda.empty_cache()
@@ -36,7 +35,7 @@ def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
     cpu_offload(model, execution_device=device)
     try:
-        yield model
+        yield True
     finally:
         remove_hook_from_module(model, recurse=True)
 
@@ -147,9 +146,9 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
         "bits_per_weight": round(bits_per_weight(model, storage_dtype), 4),
     }
     if family == "causal-lm" and windows is not None:
-        with on_device(model, device):
+        with on_device(model, device) as streamed:
             metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())
-            if speed:
+            if speed and not streamed:  # streaming every weight per decoded token would time the PCIe bus
                 metrics.update(tokens_per_second(model, windows[:1, :256], device))
     return metrics
 

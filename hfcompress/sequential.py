@@ -166,7 +166,8 @@ def run_blocks(
     `run()` runs the block on all calibration inputs and returns its outputs; the method attaches its hooks around
     it to collect statistics, then compresses the block. With `sequential=True` the block runs again after
     compression so that later blocks see the compressed earlier ones (the Wanda/SparseGPT lineage); with
-    `sequential=False` later blocks see dense activations, which equals processing the whole model at once.
+    `sequential=False` later blocks see dense activations, which equals processing the whole model at once (for a
+    model with several block stacks, a later stack's inputs come from the already-compressed earlier stacks).
     """
     device = torch.device(device)
     stacks = find_block_stacks(model)
