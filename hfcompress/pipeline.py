@@ -126,8 +126,6 @@ def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch
 
 def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec) -> dict[str, Any]:
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
-    if (ev.seq_len is not None and ev.seq_len <= 1) or (ev.n_windows is not None and ev.n_windows <= 0):
-        raise InvalidOptionError("evaluation seq_len must be > 1 and n_windows positive")
     device = pick_device(model_spec.device)
     resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code)
     ev = resolve_defaults(Recipe(model_spec, evaluation=ev), resolved, device).evaluation

@@ -44,6 +44,12 @@ class CalibrationSpec:
     text_field: str = option("text", "field holding the text in .jsonl files and datasets")
     split: str = option("train", "dataset split")
 
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InvalidOptionError(f"calibration {name} must be positive, got {value}")
+
 
 @dataclass
 class EvaluationSpec:
@@ -53,6 +59,11 @@ class EvaluationSpec:
                                        "model's context)")
     n_windows: int | None = option(32, "number of windows (None: the whole text)")
     speed: bool = option(True, "measure prefill and decode tokens/s")
+
+    def __post_init__(self) -> None:
+        if (self.seq_len is not None and self.seq_len <= 1) or (self.n_windows is not None and self.n_windows <= 0):
+            raise InvalidOptionError(f"evaluation seq_len must be > 1 and n_windows positive, got seq_len "
+                                     f"{self.seq_len} and n_windows {self.n_windows}")
 
 
 @dataclass
@@ -151,19 +162,12 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def validate(self) -> None:
-        """Checks that need no model: steps, numbers, the output folder, the push target."""
+        """Checks that need no model and no section can make alone: steps, the output folder, the push target.
+        (Each section checks its own numbers when it is built.)"""
         if not self.model.id:
             raise InvalidOptionError("the recipe names no model")
         if not self.steps:
             raise InvalidOptionError("the recipe has no steps; add at least one `{method: NAME, ...}`")
-        calib = self.calibration
-        for name in ("n_samples", "seq_len"):
-            value = getattr(calib, name)
-            if value is not None and value <= 0:
-                raise InvalidOptionError(f"calibration {name} must be positive, got {value}")
-        ev = self.evaluation
-        if (ev.seq_len is not None and ev.seq_len <= 1) or (ev.n_windows is not None and ev.n_windows <= 0):
-            raise InvalidOptionError("evaluation seq_len must be > 1 and n_windows positive")
         out = self.output
         if out.dir:
             check_output_folder(out.dir, out.overwrite, self.model.id)

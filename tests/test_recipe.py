@@ -91,4 +91,6 @@ def test_validate_needs_steps_and_positive_sizes():
     with pytest.raises(InvalidOptionError, match="no steps"):
         Recipe(model="m").validate()
     with pytest.raises(InvalidOptionError, match="n_samples must be positive"):
-        Recipe(model="m", steps=[WandaConfig()], calibration={"n_samples": 0}).validate()
+        Recipe(model="m", steps=[WandaConfig()], calibration={"n_samples": 0})
+    with pytest.raises(InvalidOptionError, match="n_windows positive"):
+        Recipe(model="m", steps=[WandaConfig()], evaluation={"n_windows": 0})
