@@ -83,6 +83,7 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         calibration=metadata.get("calibration"),
         plots=metadata.get("plots"),
         dtype=metadata.get("dtype"),
+        gguf_file=metadata.get("gguf_file"),
         usage=_usage(metadata, repo),
         compatibility=_compatibility(metadata),
         recipe_yaml=yaml.safe_dump(metadata["recipe"], sort_keys=False),

@@ -204,6 +204,7 @@ def _metadata(recipe: Recipe, resolved: ResolvedModel, calibration: CalibrationD
                       "huggingface_hub": _version("huggingface_hub"), "safetensors": _version("safetensors")},
         "source": recipe.model.id,
         "base_model": resolved.base_model,
+        "gguf_file": resolved.gguf_file,
         "family": resolved.family,
         "architectures": getattr(resolved.config, "architectures", None),
         "license": _source_license(resolved),

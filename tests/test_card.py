@@ -39,11 +39,13 @@ def test_card_for_the_builtin_gguf_names_the_hub_base_model():
     from hfcompress.card import render_card
 
     metadata = {"family": "causal-lm", "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+                "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                 "source": "builtin:smollm2-135m", "steps": [{"method": "magnitude", "paper": "p", "description": "d"}],
                 "recipe": {"model": {"id": "builtin:smollm2-135m"}}, "output": {"push_to": "me/smol-mag"}}
     card = ModelCard(render_card(metadata))
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert 'from_pretrained("me/smol-mag")' in card.text
+    assert "GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf`, dequantized on load" in card.text
 
 
 def test_a_bf16_checkpoint_is_measured_in_fp32_on_cpu_and_saved_in_bf16(tmp_path):
