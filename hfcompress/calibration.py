@@ -87,7 +87,6 @@ def _dataset_text(source: str, text_field: str, split: str) -> str:
     return "\n\n".join(t for t in texts if t)
 
 
-
 def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
     """The whole text as one 1-D tensor of token ids (no special tokens: windows are cut from running text)."""
     return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)

@@ -74,7 +74,7 @@ def block_linear_sparsity(model: nn.Module) -> float:
 def _stored_size(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
     """Bytes per element as stored: floating tensors in `dtype` when given, the rest as they are."""
     if dtype is not None and tensor.is_floating_point():
-        return torch.empty((), dtype=dtype).element_size()
+        return dtype.itemsize
     return tensor.element_size()
 
 

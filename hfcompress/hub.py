@@ -44,6 +44,8 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
                             f"kept in {folder!r}")
         commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
                                    commit_message=commit_message or "Upload model compressed with hfcompress")
+    except PushError:
+        raise
     except (hub_errors.HfHubHTTPError, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise PushError(f"push to {repo_id!r} failed ({type(error).__name__}: {reason}). The compressed model is "

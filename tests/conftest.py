@@ -5,13 +5,9 @@ os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import importlib.util  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from tests import hub_server, tiny_models  # noqa: E402
 
@@ -62,28 +58,3 @@ def hub(monkeypatch):
     state.endpoint = endpoint
     yield state
     server.shutdown()
-
-
-def run_python(code: str, *, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh interpreter (nothing imported, nothing cached in memory)."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, cwd=ROOT, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"subprocess failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def fresh_logits(location: str, input_ids: torch.Tensor, tmp_path: Path, *, loader: str = "transformers",
-                 env: dict | None = None) -> torch.Tensor:
-    """Logits of `location` loaded in a fresh process with plain `AutoModelForCausalLM` or `hfcompress.load`."""
-    ids_file, out_file = tmp_path / "ids.pt", tmp_path / f"logits-{loader}.pt"
-    torch.save(input_ids, ids_file)
-    load = ("__import__('transformers').AutoModelForCausalLM.from_pretrained" if loader == "transformers"
-            else "__import__('hfcompress').load")
-    run_python(f"""
-        import torch
-        model = {load}({location!r}, dtype=torch.float32)
-        with torch.no_grad():
-            torch.save(model(input_ids=torch.load({str(ids_file)!r})).logits, {str(out_file)!r})
-        """, env=env)
-    return torch.load(out_file)

@@ -11,7 +11,7 @@ import hfcompress
 from hfcompress.errors import PushError
 from hfcompress.hub import push
 from tests.conftest import ROOT
-from tests.tiny_models import RELOAD, fingerprint
+from tests.tiny_models import fingerprint, reloaded_outputs
 
 TOKEN = "hf_TestTokenThatMustNeverBeWritten"
 
@@ -36,13 +36,10 @@ def test_push_then_from_pretrained_over_http(hub, tiny, tmp_path, monkeypatch):
         assert TOKEN.encode() not in data, name
     assert b'alice/tiny-wanda' in repo["files"]["README.md"]  # the usage snippet names the pushed repo
 
-    fresh_cache = tmp_path / "fresh_home"
-    reloaded = tmp_path / "reloaded.pt"
-    subprocess.run([sys.executable, "-c", RELOAD, "alice/tiny-wanda", str(reloaded)], check=True, cwd=ROOT,
-                   capture_output=True, env={"PATH": "", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN,
-                                             "HF_HOME": str(fresh_cache), "HF_HUB_DISABLE_XET": "1"})
+    fresh = {"PATH": "", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "fresh_home"),
+             "HF_HUB_DISABLE_XET": "1"}
     expected = fingerprint(result.model)
-    for loader, logits in torch.load(reloaded).items():
+    for loader, logits in reloaded_outputs("alice/tiny-wanda", tmp_path, env=fresh).items():
         assert torch.equal(logits, expected), loader
 
 
@@ -79,6 +76,7 @@ def test_private_push_into_an_existing_public_repo_is_refused(hub, tiny, tmp_pat
     out = tmp_path / "out"
     _compress(tiny, out)
     push(str(out), "alice/public-one")
-    with pytest.raises(PushError, match="exists and is public"):
+    with pytest.raises(PushError, match="exists and is public") as error:
         push(str(out), "alice/public-one", private=True)
+    assert "PushError" not in str(error.value)  # raised as is, not wrapped as a failed upload
     assert hub.commits == 1

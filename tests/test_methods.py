@@ -1,16 +1,12 @@
 """One table of cases over every registered method, run through the whole pipeline on tiny random models, with the
 output reloaded in a fresh process (plain transformers and hfcompress.load) and compared with the in-memory model."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import hfcompress
 from hfcompress.sequential import find_linears, named_blocks, weight_matrix
-from tests.conftest import ROOT
-from tests.tiny_models import CAUSAL, RELOAD, fingerprint
+from tests.tiny_models import CAUSAL, fingerprint, reloaded_outputs
 
 # method -> list of (options, tiny models). Adding a method means adding its row here (a guard test checks).
 CASES = {
@@ -28,12 +24,6 @@ def test_every_registered_method_has_a_row():
     builtin = {name for name, spec in hfcompress.available_methods().items()
                if spec.transform.__module__.startswith("hfcompress.")}
     assert builtin == set(CASES)
-
-
-def _reload_fingerprints(location, tmp_path):
-    out = tmp_path / "reloaded.pt"
-    subprocess.run([sys.executable, "-c", RELOAD, location, str(out)], check=True, cwd=ROOT, capture_output=True)
-    return torch.load(out)
 
 
 def _block_rows(model):
@@ -79,5 +69,5 @@ def test_method_round_trips_through_the_pipeline(method, options, model_name, ti
 
     # fresh processes: plain transformers and hfcompress.load give the in-memory model's outputs exactly
     expected = fingerprint(result.model)
-    for loader, reloaded in _reload_fingerprints(str(out), tmp_path).items():
+    for loader, reloaded in reloaded_outputs(str(out), tmp_path).items():
         assert torch.equal(reloaded, expected), loader

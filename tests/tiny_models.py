@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -87,6 +89,16 @@ torch.save({"transformers": fingerprint(plain.from_pretrained(location, dtype=to
             "hfcompress": fingerprint(hfcompress.load(location, dtype=torch.float32))}, out)
 """
 """Run as `python -c RELOAD FOLDER OUT.pt` in a fresh process: outputs after plain and hfcompress loading."""
+
+
+def reloaded_outputs(location: str, tmp_path: Path, env: dict | None = None) -> dict[str, torch.Tensor]:
+    """`fingerprint` of `location` loaded in a fresh interpreter with plain transformers and with hfcompress.load
+    (`env`, when given, is the subprocess's whole environment)."""
+    out = tmp_path / "reloaded.pt"
+    result = subprocess.run([sys.executable, "-c", RELOAD, location, str(out)], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, env=env, timeout=600)
+    assert result.returncode == 0, f"reloading {location} failed:\n{result.stderr[-3000:]}"
+    return torch.load(out)
 
 
 @torch.no_grad()
