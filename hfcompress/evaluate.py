@@ -18,26 +18,38 @@ from .sequential import find_linears, named_blocks, weight_matrix
 @contextmanager
 def on_device(model: nn.Module, device: torch.device) -> Iterator[bool]:
     """Run `model` on `device`: moved whole when it fits in free GPU memory, else streamed layer by layer from CPU
-    memory with accelerate's offloading (yields True then). Back on the CPU afterwards."""
+    memory (yields True then). Back on the CPU afterwards."""
     if device.type != "cuda":
         yield False
-        return
-    if weights_bytes(model) < 0.8 * torch.cuda.mem_get_info(device)[0]:
+    elif weights_bytes(model) < 0.8 * torch.cuda.mem_get_info(device)[0]:
         model.to(device)
         try:
             yield False
         finally:
             model.to("cpu")
             torch.cuda.empty_cache()
-        return
+    else:
+        with streamed(model, device):
+            yield True
+
+
+@contextmanager
+def streamed(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run `model` with its weights kept in CPU memory and copied to `device` one module at a time (accelerate's
+    cpu_offload). Afterwards the original Parameter and buffer objects are put back: accelerate rebuilds them, which
+    would untie tied embeddings (the head then counts and saves as a second matrix)."""
     from accelerate import cpu_offload
     from accelerate.hooks import remove_hook_from_module
 
+    slots = [(store, name, tensor) for module in model.modules()
+             for store in (module._parameters, module._buffers) for name, tensor in store.items()]
     cpu_offload(model, execution_device=device)
     try:
-        yield True
+        yield
     finally:
         remove_hook_from_module(model, recurse=True)
+        for store, name, tensor in slots:
+            store[name] = tensor
 
 
 def unique_tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -6,7 +6,15 @@ import torch
 from hfcompress.calibration import CalibrationData
 from hfcompress.loading import load_model, resolve
 from hfcompress.methods.wanda import WandaConfig, wanda, wanda_score
-from hfcompress.sequential import find_block_stacks, find_linears, input_hooks, named_blocks, run_blocks, weight_matrix
+from hfcompress.sequential import (
+    capture_inputs,
+    find_block_stacks,
+    find_linears,
+    input_hooks,
+    named_blocks,
+    run_blocks,
+    weight_matrix,
+)
 from hfcompress.sparsity import keep_mask
 from tests.tiny_models import CAUSAL
 
@@ -98,3 +106,15 @@ def test_finds_every_block_stack_of_a_vision_language_model(tiny):
     model = load_model(resolve(tiny("llava")), "float32")
     names = [name for name, _ in find_block_stacks(model)]
     assert any("vision" in n for n in names) and any("language_model" in n for n in names)
+
+
+def test_keyword_inputs_equal_across_windows_are_stored_once(tiny):
+    """Rotary tables (and masks) are the same for every window of one length: one copy, not one per window."""
+    model = _model(tiny("llama"))
+    captured = capture_inputs(model, model.model.layers[0], _batches(n=3), torch.device("cpu"))
+    first_cos, first_sin = captured[0][1]["position_embeddings"]
+    for args, kwargs in captured[1:]:
+        cos, sin = kwargs["position_embeddings"]
+        assert cos is first_cos and sin is first_sin
+        assert not torch.equal(args[0] if args else kwargs["hidden_states"],
+                               captured[0][0][0] if captured[0][0] else captured[0][1]["hidden_states"])
