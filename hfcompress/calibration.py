@@ -92,13 +92,14 @@ def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
-def cut_windows(tokens: torch.Tensor, seq_len: int, count: int | None, *, seed: int | None, what: str) -> torch.Tensor:
+def cut_windows(tokens: torch.Tensor, seq_len: int, count: int | None, *, seed: int | None, what: str,
+                options: str = "--n-samples or --seq-len") -> torch.Tensor:
     """(count, seq_len) non-overlapping windows of the stream: the first `count` in order when `seed` is None
     (evaluation), else `count` drawn at random without replacement (calibration). `count=None` takes them all."""
     available = tokens.numel() // seq_len
     if available == 0 or (count is not None and count > available):
         raise CalibrationError(f"{what}: the text has {tokens.numel()} tokens, enough for {available} windows of "
-                               f"{seq_len}, but {count} were requested; lower n_samples or seq_len, or give more text")
+                               f"{seq_len}, but {count} were requested; lower {options}, or give more text")
     windows = tokens[: available * seq_len].reshape(available, seq_len)
     if count is None:
         return windows

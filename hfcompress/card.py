@@ -13,6 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 PIPELINE_TAGS = {"causal-lm": "text-generation", "encoder": "feature-extraction",
                  "vision": "image-feature-extraction", "vision-language": None}
 TEMPLATE = "model_card.md.j2"
+UNPUSHED_REPO = "path/to/this/folder"  # the usage snippet's model path until the folder is pushed
 
 
 def template_path() -> str:
@@ -46,7 +47,7 @@ def _compatibility(metadata: dict[str, Any]) -> str:
 
 def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
     """The README.md text for a compressed model described by `metadata` (the content of hfcompress.json)."""
-    repo = repo_id or metadata.get("output", {}).get("push_to") or "path/to/this/folder"
+    repo = repo_id or metadata.get("output", {}).get("push_to") or UNPUSHED_REPO
     methods = [step["method"] for step in metadata["steps"]]
     after = metadata.get("metrics", {}).get("after", {})
     evaluation = metadata.get("evaluation", {})
@@ -79,6 +80,7 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         source=metadata.get("source"),
         steps=metadata["steps"],
         table=format_table(before, after) if before and after else "",
+        speed="decode_tokens_per_s" in after,
         evaluation=evaluation,
         calibration=metadata.get("calibration"),
         plots=metadata.get("plots"),

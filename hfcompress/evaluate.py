@@ -6,7 +6,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -124,27 +124,42 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _fastest_seconds(call: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Fastest of `repeats` timed calls after one warm-up call: on a shared machine, noise only ever adds time."""
+    times = []
+    for _ in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def pad_token_id(generation_config: Any) -> int | None:
+    """The pad id for `generate`: the configured one, else the (first) end-of-sequence id."""
+    if generation_config.pad_token_id is not None:
+        return generation_config.pad_token_id
+    eos = generation_config.eos_token_id
+    return eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+
+
 @torch.no_grad()
 def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.device, new_tokens: int = 32,
-                      repeats: int = 2) -> dict[str, float]:
-    """Prefill tokens/s (one forward over `prompt` (1, T)) and greedy decode tokens/s with a KV cache; best of
-    `repeats` after one warm-up, since these machines are noisy."""
+                      repeats: int = 3) -> dict[str, float]:
+    """Prefill tokens/s (one forward over `prompt` (1, T)) and greedy decode tokens/s with a KV cache. Decode time
+    is t(generate `new_tokens`) - t(generate 1), so the prompt's own prefill is not counted as decoding."""
     prompt = prompt.to(device)
-    best_prefill = best_decode = math.inf
-    for attempt in range(repeats + 1):
-        _synchronize(device)
-        start = time.perf_counter()
-        model(input_ids=prompt, use_cache=False)
-        _synchronize(device)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(prompt[:, :32], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=model.generation_config.pad_token_id or model.generation_config.eos_token_id)
-        _synchronize(device)
-        decode = time.perf_counter() - start
-        if attempt:  # the first round warms up kernels and allocators
-            best_prefill, best_decode = min(best_prefill, prefill), min(best_decode, decode)
-    return {"prefill_tokens_per_s": prompt.shape[1] / best_prefill, "decode_tokens_per_s": new_tokens / best_decode}
+    pad = pad_token_id(model.generation_config)
+
+    def generate(n: int) -> Callable[[], Any]:
+        return lambda: model.generate(prompt[:, :32], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=pad)
+
+    prefill = _fastest_seconds(lambda: model(input_ids=prompt, use_cache=False), device, repeats)
+    first, all_tokens = (_fastest_seconds(generate(n), device, repeats) for n in (1, new_tokens))
+    return {"prefill_tokens_per_s": prompt.shape[1] / prefill,
+            "decode_tokens_per_s": (new_tokens - 1) / max(all_tokens - first, 1e-9)}
 
 
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,

@@ -7,12 +7,37 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub import errors as hub_errors
 
+from .card import UNPUSHED_REPO
 from .errors import PushError
 from .formats import read_metadata
+
+
+def _files(folder: str, repo_id: str) -> list[CommitOperationAdd]:
+    """Every file of `folder` except hidden ones; in the card, the usage snippet's placeholder path becomes
+    `repo_id` (the rest of the card, including any hand edits, is uploaded as it is)."""
+    operations = []
+    for path in sorted(Path(folder).rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        content: str | bytes = str(path)
+        if relative.as_posix() == "README.md":
+            content = path.read_text(encoding="utf-8").replace(f'"{UNPUSHED_REPO}"', f'"{repo_id}"').encode()
+        operations.append(CommitOperationAdd(path_in_repo=relative.as_posix(), path_or_fileobj=content))
+    return operations
+
+
+def check_push_target(repo_id: str, *sources: str | None) -> None:
+    """`repo_id` must be `namespace/name` and none of `sources` (Hub ids are case-insensitive)."""
+    if repo_id.count("/") != 1:
+        raise PushError(f"push target {repo_id!r} must be a repo id of the form `namespace/name`")
+    if any(source and repo_id.strip("/").lower() == source.strip("/").lower() for source in sources):
+        raise PushError(f"refusing to push to {repo_id!r}: it is the source model; choose a new repo id")
 
 
 def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
@@ -28,12 +53,8 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
     """
     if not os.path.isdir(folder):
         raise PushError(f"nothing to push: {folder!r} is not a folder")
-    if repo_id.count("/") != 1:
-        raise PushError(f"push target {repo_id!r} must be a repo id of the form `namespace/name`")
     metadata = read_metadata(folder) or {}
-    source = str(metadata.get("recipe", {}).get("model", {}).get("id", ""))
-    if repo_id.strip("/") in {source.strip("/"), str(metadata.get("base_model") or "")}:
-        raise PushError(f"refusing to push to {repo_id!r}: it is the source model; choose a new repo id")
+    check_push_target(repo_id, metadata.get("recipe", {}).get("model", {}).get("id"), metadata.get("base_model"))
     api = HfApi(endpoint=endpoint, token=token)
     retry = f"hfcompress push {shlex.quote(folder)} --to {shlex.quote(repo_id)}" + (" --private" if private else "")
     try:
@@ -42,7 +63,7 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
             raise PushError(f"{repo_id!r} already exists and is public, and --private does not change an existing "
                             "repo: make it private on the Hub first, or push to a new name. The compressed model is "
                             f"kept in {folder!r}")
-        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+        commit = api.create_commit(repo_id, _files(folder, repo_id), repo_type="model",
                                    commit_message=commit_message or "Upload model compressed with hfcompress")
     except PushError:
         raise

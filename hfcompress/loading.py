@@ -101,8 +101,10 @@ def _builtin(source: str) -> tuple[str, str, str]:
     return os.path.join(os.path.dirname(spec.origin), filename), base, "gguf"
 
 
-def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool = False) -> ResolvedModel:
-    """Find the model and read its config; raise ModelLoadError with the reason when it cannot be had."""
+def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool = False,
+            token: str | None = None) -> ResolvedModel:
+    """Find the model and read its config; raise ModelLoadError with the reason when it cannot be had. `token`
+    defaults to HF_TOKEN or the stored login."""
     base_model = None
     if source.startswith("builtin:"):
         source_path, base_model, _ = _builtin(source)
@@ -124,7 +126,8 @@ def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool
                              trust_remote_code=trust_remote_code)
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not REPO_ID.match(source):
         raise ModelLoadError(f"local path {source!r} does not exist (and it is not a Hub repo id like `org/name`)")
-    config = _read_config(source, source, revision=revision, trust_remote_code=trust_remote_code)
+    config = _read_config(source, source, revision=revision, trust_remote_code=trust_remote_code,
+                          **({"token": token} if token else {}))
     return ResolvedModel(source, source, "hub", config, model_family(config), source, revision=revision,
                          trust_remote_code=trust_remote_code)
 
@@ -188,6 +191,15 @@ def model_class(model: ResolvedModel) -> Any:
         if hasattr(transformers, name):
             return getattr(transformers, name)
     return AutoModel
+
+
+def model_skeleton(model: ResolvedModel) -> torch.nn.Module:
+    """The model's modules with weightless (meta-device) parameters: names and shapes, no memory, no download."""
+    cls = model_class(model)
+    with torch.device("meta"):
+        if hasattr(cls, "from_config"):  # the Auto classes
+            return cls.from_config(model.config, trust_remote_code=model.trust_remote_code)
+        return cls._from_config(model.config)
 
 
 def load_model(model: ResolvedModel, dtype: str = "auto", device: torch.device | None = None) -> torch.nn.Module:

@@ -21,8 +21,8 @@ from .card import render_card
 from .errors import InvalidOptionError, UnsupportedModelError, choices
 from .evaluate import folder_weights_bytes, format_table, measure
 from .formats import save_model, staged_folder, write_metadata
-from .hub import push
-from .loading import ResolvedModel, load_model, load_tokenizer, pick_device, resolve
+from .hub import check_push_target, push
+from .loading import ResolvedModel, load_model, load_tokenizer, model_skeleton, pick_device, resolve
 from .options import config_to_dict
 from .plots import have_matplotlib, sparsity_map
 from .recipe import EvaluationSpec, ModelSpec, Recipe
@@ -58,7 +58,8 @@ def _as_recipe(recipe: Recipe | dict | str) -> Recipe:
 
 
 def check_support(resolved: ResolvedModel, recipe: Recipe) -> None:
-    """Every step supports the model's family; fail before loading weights when one does not."""
+    """Every step supports the model's family and fits its layers (checked on a weightless copy of the model);
+    fail before loading weights when one does not."""
     config = resolved.config
     configs = [config, getattr(config, "text_config", None)]
     if resolved.kind != "gguf" and getattr(config, "quantization_config", None):
@@ -76,6 +77,12 @@ def check_support(resolved: ResolvedModel, recipe: Recipe) -> None:
             architecture = (getattr(resolved.config, "architectures", None) or [resolved.config.model_type])[0]
             raise UnsupportedModelError(f"method `{spec.name}` does not support {architecture} ({resolved.family}); "
                                         f"it supports: {choices(spec.supports)}")
+    checks = [(get_method(type(step).method).check, step) for step in recipe.steps]
+    if any(check for check, _ in checks):
+        skeleton = model_skeleton(resolved)
+        for check, step in checks:
+            if check:
+                check(skeleton, step)
 
 
 def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.device) -> Recipe:
@@ -121,7 +128,8 @@ def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch
     if not ev.enabled or family != "causal-lm":
         return None
     stream = token_stream(tokenizer, read_text(ev.source, "evaluation"))
-    return cut_windows(stream, ev.seq_len, ev.n_windows, seed=None, what=f"evaluation source {ev.source!r}")
+    return cut_windows(stream, ev.seq_len, ev.n_windows, seed=None, what=f"evaluation source {ev.source!r}",
+                       options="--eval-windows or --eval-seq-len")
 
 
 def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec) -> dict[str, Any]:
@@ -132,7 +140,8 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec) -> dict[str, Any]:
     tokenizer = load_tokenizer(resolved)
     windows = evaluation_windows(tokenizer, ev, resolved.family)
     model = load_model(resolved, model_spec.dtype, device)
-    return measure(model, resolved.family, device, windows, speed=ev.speed)
+    return measure(model, resolved.family, device, windows, speed=ev.speed,
+                   storage_dtype=resolved.dtype or model.dtype)
 
 
 def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print) -> Result:
@@ -148,6 +157,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
     resolved = resolve(recipe.model.id, revision=recipe.model.revision,
                        trust_remote_code=recipe.model.trust_remote_code)
     check_support(resolved, recipe)
+    if recipe.output.push_to:  # e.g. builtin:smollm2-135m is HuggingFaceTB/SmolLM2-135M-Instruct on the Hub
+        check_push_target(recipe.output.push_to, resolved.base_model)
     recipe = resolve_defaults(recipe, resolved, device)
     tokenizer = load_tokenizer(resolved)
 

@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 
-from .errors import InvalidOptionError, PushError, choices
+from .errors import InvalidOptionError, choices
 from .formats import check_output_folder
+from .hub import check_push_target
+from .loading import DTYPES
 from .options import config_to_dict, from_values, make_config, option
 from .registry import get_method
 
@@ -32,6 +34,10 @@ class ModelSpec:
     dtype: str = option("auto", "auto (checkpoint dtype on GPU, float32 on CPU), float32, float16 or bfloat16")
     device: str = option("auto", "compute device: auto (cuda when present), cpu, cuda, cuda:N")
     trust_remote_code: bool = option(False, "allow the source repo's own modeling code to run")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidOptionError(f"unknown dtype {self.dtype!r}; valid: {choices(DTYPES)}")
 
 
 @dataclass
@@ -141,7 +147,7 @@ class Recipe:
         if os.path.isfile(path_or_text):
             with open(path_or_text, encoding="utf-8") as handle:
                 path_or_text = handle.read()
-        elif path_or_text.strip().endswith((".yaml", ".yml")) and "\n" not in path_or_text.strip():
+        elif "\n" not in path_or_text.strip() and ": " not in path_or_text:  # one line, not a mapping: a path
             raise InvalidOptionError(f"recipe file {path_or_text!r} does not exist")
         try:
             data = yaml.safe_load(path_or_text)
@@ -173,7 +179,5 @@ class Recipe:
             check_output_folder(out.dir, out.overwrite, self.model.id)
         if out.push_to and not out.dir:
             raise InvalidOptionError("pushing needs an output folder: set output.dir (--out)")
-        if out.push_to and out.push_to.strip("/") == self.model.id.strip("/"):
-            raise PushError(f"refusing to push to {out.push_to!r}: it is the source model; choose a new repo id")
-        if out.push_to and out.push_to.count("/") != 1:
-            raise PushError(f"push target {out.push_to!r} must be a repo id of the form `namespace/name`")
+        if out.push_to:
+            check_push_target(out.push_to, self.model.id)

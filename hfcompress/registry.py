@@ -45,6 +45,7 @@ class MethodSpec:
     needs_calibration: bool
     supports: tuple[str, ...]
     summary: str
+    check: Callable[[Any, Any], Any] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -58,6 +59,7 @@ def register(
     needs_calibration: bool,
     supports: tuple[str, ...] = ("causal-lm",),
     summary: str = "",
+    check: Callable[[Any, Any], Any] | None = None,
 ) -> Callable[[Callable[..., Report]], Callable[..., Report]]:
     """Register `transform(model, config, calibration) -> Report` as the method named `config_class.method`.
 
@@ -67,6 +69,9 @@ def register(
         needs_calibration: whether the transform needs calibration batches.
         supports: model families the transform handles, a subset of `MODEL_FAMILIES`.
         summary: one line for `hfcompress methods` and the README.
+        check: `check(model, config)` raises an `HfCompressError` when the config does not fit the model (e.g.
+            targets that match no layer). It runs on a weightless (meta-device) copy of the model before the
+            weights are loaded, so it must only read names and shapes.
     """
     if not (dataclasses.is_dataclass(config_class) and config_class.__dataclass_params__.frozen):
         raise TypeError(f"{config_class!r} must be a frozen dataclass: decorate it with @dataclass(frozen=True)")
@@ -83,7 +88,7 @@ def register(
             raise TypeError(f"a method named {name!r} is already registered (by {existing.transform.__module__}); "
                             "pick another name")
         _METHODS[name] = MethodSpec(name, config_class, transform, paper, needs_calibration, tuple(supports),
-                                    summary or (transform.__doc__ or "").strip().splitlines()[0])
+                                    summary or (transform.__doc__ or "").strip().splitlines()[0], check)
         return transform
 
     return decorator

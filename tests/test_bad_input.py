@@ -102,14 +102,34 @@ def test_full_disk_is_refused_before_writing_and_leaves_nothing(tiny, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_targets_matching_nothing_name_real_layers(tiny, no_weights, monkeypatch):
-    from hfcompress.errors import InvalidOptionError
-    from hfcompress.loading import load_model, resolve
-    from hfcompress.methods.wanda import WandaConfig, wanda
-
-    model = load_model(resolve(tiny("llama")), "float32")
+def test_targets_matching_nothing_name_real_layers(tiny, no_weights):
     with pytest.raises(InvalidOptionError, match="match no Linear layer.*model.layers.0.self_attn.q_proj"):
-        wanda(model, WandaConfig(targets=("mlp.*",)), None, "cpu")
+        _run(tiny("llama"), step={"method": "wanda", "targets": ["mlp.*"]})
+
+
+def test_push_to_the_hub_repo_behind_the_builtin_model(tmp_path, no_weights):
+    with pytest.raises(hfcompress.HfCompressError, match="it is the source model"):
+        _run("builtin:smollm2-135m", output={"dir": str(tmp_path / "out"),
+                                              "push_to": "huggingfacetb/smollm2-135m-instruct"})
+
+
+def test_unknown_dtype_missing_recipe_file_and_missing_output_to_load():
+    with pytest.raises(InvalidOptionError, match="unknown dtype 'half'; valid: `auto`, `float32`"):
+        hfcompress.Recipe.from_dict({"model": {"id": "org/base", "dtype": "half"}, "steps": [{"method": "wanda"}]})
+    with pytest.raises(InvalidOptionError, match="recipe file './recipe.yml.bak' does not exist"):
+        hfcompress.Recipe.from_yaml("./recipe.yml.bak")
+    with pytest.raises(ModelLoadError, match="'./no/such/output' does not exist"):
+        hfcompress.load("./no/such/output")
+
+
+def test_too_many_evaluation_windows_names_the_evaluation_options(tiny, no_weights):
+    with pytest.raises(CalibrationError, match="lower --eval-windows or --eval-seq-len"):
+        _run(tiny("llama"), evaluation={"n_windows": 100_000})
+
+
+def test_pattern_that_does_not_divide_the_layers(tiny, no_weights):
+    with pytest.raises(UnsupportedModelError, match="pattern 3:7 needs in_features divisible by 7"):
+        _run(tiny("llama"), step={"method": "magnitude", "pattern": "3:7"})
 
 
 def test_seq2seq_moe_and_prequantized_models_are_refused_before_loading(tmp_path, no_weights):

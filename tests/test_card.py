@@ -48,6 +48,15 @@ def test_card_for_the_builtin_gguf_names_the_hub_base_model():
     assert "GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf`, dequantized on load" in card.text
 
 
+def test_an_encoder_card_claims_no_perplexity_or_speed(tiny, tmp_path):
+    out = tmp_path / "out"
+    hfcompress.compress({"model": tiny("bert"), "steps": [{"method": "magnitude"}], "output": {"dir": str(out)}},
+                        log=lambda line: None)
+    card = (out / "README.md").read_text()
+    assert "| sparsity (block Linear weights) |" in card and "Size: bytes of the stored weights" in card
+    assert "erplexity" not in card and "okens/s" not in card
+
+
 def test_a_bf16_checkpoint_is_measured_in_fp32_on_cpu_and_saved_in_bf16(tmp_path):
     import torch
     from safetensors import safe_open
@@ -70,3 +79,8 @@ def test_a_bf16_checkpoint_is_measured_in_fp32_on_cpu_and_saved_in_bf16(tmp_path
     assert result.before["bits_per_weight"] == 16
     card = (out / "README.md").read_text()
     assert "Measured in float32; the weights are stored in bfloat16" in card
+    from hfcompress.pipeline import evaluate_model
+    from hfcompress.recipe import EvaluationSpec, ModelSpec
+
+    measured = evaluate_model(ModelSpec(str(source)), EvaluationSpec(seq_len=64, n_windows=2, speed=False))
+    assert abs(measured["size_bytes"] - source_bytes) < 0.01 * source_bytes and measured["bits_per_weight"] == 16

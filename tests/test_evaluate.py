@@ -37,3 +37,16 @@ def test_streaming_from_cpu_memory_gives_the_same_logits_and_keeps_tied_weights_
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(slots[name] is tensor for name, tensor in [*model.named_parameters(), *model.named_buffers()])
     assert parameter_count(model) == count
+
+
+def test_speed_is_measured_when_eos_is_a_list_and_there_is_no_pad_token(tiny):
+    """Llama-3-Instruct style generation configs: eos_token_id [a, b], no pad_token_id."""
+    from hfcompress.evaluate import pad_token_id, tokens_per_second
+
+    model = load_model(resolve(tiny("llama")), "float32")
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [1, 2], None
+    assert pad_token_id(model.generation_config) == 1
+    speed = tokens_per_second(model, _windows(1, 40), torch.device("cpu"), new_tokens=4, repeats=1)
+    assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+    model.generation_config.pad_token_id = 0  # a pad id of 0 is a real id, not "missing"
+    assert pad_token_id(model.generation_config) == 0

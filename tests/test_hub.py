@@ -65,8 +65,9 @@ def test_push_refuses_the_source_repo(tiny, tmp_path):
     metadata = json.loads((out / "hfcompress.json").read_text())
     metadata["recipe"]["model"]["id"] = "org/base-model"  # as if it had been made from a Hub repo
     (out / "hfcompress.json").write_text(json.dumps(metadata))
-    with pytest.raises(PushError, match="source model"):
-        push(str(out), "org/base-model")
+    for target in ("org/base-model", "Org/Base-Model"):  # Hub repo ids are case-insensitive
+        with pytest.raises(PushError, match="source model"):
+            push(str(out), target)
     with pytest.raises(PushError, match="namespace/name"):
         push(str(out), "no-namespace")
 
@@ -76,6 +77,9 @@ def test_private_push_into_an_existing_public_repo_is_refused(hub, tiny, tmp_pat
     out = tmp_path / "out"
     _compress(tiny, out)
     push(str(out), "alice/public-one")
+    # saved without a push target, the card's usage names a placeholder path: the pushed copy names the repo
+    assert b'from_pretrained("alice/public-one")' in hub.repos["alice/public-one"]["files"]["README.md"]
+    assert 'from_pretrained("path/to/this/folder")' in (out / "README.md").read_text()
     with pytest.raises(PushError, match="exists and is public") as error:
         push(str(out), "alice/public-one", private=True)
     assert "PushError" not in str(error.value)  # raised as is, not wrapped as a failed upload

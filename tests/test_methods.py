@@ -66,6 +66,10 @@ def test_method_round_trips_through_the_pipeline(method, options, model_name, ti
     assert {"config.json", "hfcompress.json", "README.md", "tokenizer.json"} <= files
     assert any(f.endswith(".safetensors") for f in files) and not any(f.endswith((".bin", ".pt")) for f in files)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staging folder was renamed, not left behind
+    probe = tmp_path.parent / f"{tmp_path.name}.probe"  # the permissions an ordinary new file gets here
+    probe.touch()
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()} == {probe.stat().st_mode & 0o777}
+    probe.unlink()
 
     # fresh processes: plain transformers and hfcompress.load give the in-memory model's outputs exactly
     expected = fingerprint(result.model)

@@ -62,6 +62,8 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, source: s
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for path in staging.rglob("*"):  # some writers (safetensors) create owner-only files
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     if out.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
         out.rename(retired / "old")
@@ -121,16 +123,13 @@ def load(path_or_repo: str, **kwargs: Any) -> torch.nn.Module:
         path_or_repo: output folder or Hub repo id.
         kwargs: passed to `from_pretrained` (e.g. `dtype`, `device_map`, `revision`, `token`).
     """
-    from transformers import AutoConfig
+    from ..loading import model_class, resolve
 
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "token") if k in kwargs}
-    metadata = read_metadata(path_or_repo, **hub_kwargs)
+    # resolve() turns a missing folder, an unknown or gated repo, or no network into one clear ModelLoadError
+    resolved = resolve(path_or_repo, revision=kwargs.get("revision"), token=kwargs.get("token"),
+                       trust_remote_code=kwargs.get("trust_remote_code", False))
+    metadata = read_metadata(path_or_repo, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
     if metadata is not None and metadata.get("format_version", 0) > FORMAT_VERSION:
         raise ModelLoadError(f"{path_or_repo} was written by a newer hfcompress (format "
                              f"{metadata['format_version']}); pip install -U hfcompress")
-    from ..loading import ResolvedModel, model_class, model_family
-
-    config = AutoConfig.from_pretrained(path_or_repo, trust_remote_code=kwargs.get("trust_remote_code", False),
-                                        **hub_kwargs)
-    resolved = ResolvedModel(path_or_repo, path_or_repo, "local", config, model_family(config), None)
     return model_class(resolved).from_pretrained(path_or_repo, **kwargs).eval()

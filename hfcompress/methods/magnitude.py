@@ -36,7 +36,7 @@ class MagnitudeConfig(PruningConfig):
 
 
 @register(MagnitudeConfig, paper="https://arxiv.org/abs/1506.02626", needs_calibration=False,
-          supports=("causal-lm", "encoder", "vision", "vision-language"))
+          supports=("causal-lm", "encoder", "vision", "vision-language"), check=pruning_targets)
 @torch.no_grad()
 def magnitude(model: nn.Module, config: MagnitudeConfig, calibration, device: torch.device | str) -> Report:
     """Magnitude pruning: zero the smallest-magnitude weights, per output row or per layer."""

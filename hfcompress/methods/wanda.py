@@ -34,7 +34,7 @@ def wanda_score(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tenso
 
 
 @register(WandaConfig, paper="https://arxiv.org/abs/2306.11695", needs_calibration=True,
-          supports=("causal-lm", "encoder"))
+          supports=("causal-lm", "encoder"), check=pruning_targets)
 def wanda(model: nn.Module, config: WandaConfig, calibration: CalibrationData, device: torch.device | str) -> Report:
     """Wanda: prune by weight magnitude times input activation norm, per output row; no weight update."""
     modules, numel = {}, {}
