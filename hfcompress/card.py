@@ -42,7 +42,7 @@ def _compatibility(metadata: dict[str, Any]) -> str:
         return f"needs `pip install {' '.join(needs['packages'])}`; then plain `from_pretrained`."
     return ("plain transformers `from_pretrained`, no extra package: a standard checkpoint with the same layout as "
             "the base model, so runtimes that load the base model (e.g. vLLM) load it too. Zeros are stored "
-            "densely: the size on disk and the speed are those of the base model.")
+            "densely: the size on disk and the speed are those of an uncompressed checkpoint in the same dtype.")
 
 
 def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:

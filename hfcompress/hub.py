@@ -9,8 +9,7 @@ import os
 import shlex
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub import errors as hub_errors
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
 from .card import UNPUSHED_REPO
 from .errors import PushError
@@ -40,6 +39,12 @@ def check_push_target(repo_id: str, *sources: str | None) -> None:
         raise PushError(f"refusing to push to {repo_id!r}: it is the source model; choose a new repo id")
 
 
+def check_token(token: str | None = None) -> None:
+    """Fail before any heavy work when a push could not authenticate."""
+    if not (token or get_token()):
+        raise PushError("pushing needs a Hub token: run `hf auth login` or set HF_TOKEN (a token with write access)")
+
+
 def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
          endpoint: str | None = None, commit_message: str | None = None) -> str:
     """Upload `folder` to the model repo `repo_id` (created if missing) in one commit; return the commit URL.
@@ -67,7 +72,7 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
                                    commit_message=commit_message or "Upload model compressed with hfcompress")
     except PushError:
         raise
-    except (hub_errors.HfHubHTTPError, OSError, ValueError) as error:
+    except Exception as error:  # HTTP errors, but also the HTTP client's own (no network, DNS, TLS, timeouts)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise PushError(f"push to {repo_id!r} failed ({type(error).__name__}: {reason}). The compressed model is "
                         f"kept in {folder!r}; retry with: {retry}") from None

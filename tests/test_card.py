@@ -78,7 +78,7 @@ def test_a_bf16_checkpoint_is_measured_in_fp32_on_cpu_and_saved_in_bf16(tmp_path
     assert abs(result.after["size_bytes"] - source_bytes) < 0.01 * source_bytes
     assert result.before["bits_per_weight"] == 16
     card = (out / "README.md").read_text()
-    assert "Measured in float32; the weights are stored in bfloat16" in card
+    assert "Computed in float32; the weights are stored in bfloat16" in card
     from hfcompress.pipeline import evaluate_model
     from hfcompress.recipe import EvaluationSpec, ModelSpec
 

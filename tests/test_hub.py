@@ -72,6 +72,36 @@ def test_push_refuses_the_source_repo(tiny, tmp_path):
         push(str(out), "no-namespace")
 
 
+def test_unreachable_hub_keeps_the_folder_and_says_how_to_retry(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / "out"
+    _compress(tiny, out)
+    with pytest.raises(PushError, match=r"failed \(.*kept in .*retry with: hfcompress push") as error:
+        push(str(out), "alice/offline", endpoint="http://127.0.0.1:9")  # nothing listens on the discard port
+    assert TOKEN not in str(error.value)
+
+
+def test_a_push_without_a_token_is_refused_before_compressing(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("hfcompress.pipeline.load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(PushError, match="needs a Hub token: run `hf auth login` or set HF_TOKEN"):
+        _compress(tiny, tmp_path / "out", push_to="alice/no-token")
+
+
+def test_compressing_an_output_again_keeps_its_base_model(tiny, tmp_path):
+    import shutil
+
+    from hfcompress.loading import resolve
+
+    first = tmp_path / "first"
+    _compress(tiny, first)
+    metadata = json.loads((first / "hfcompress.json").read_text())
+    metadata["base_model"] = "org/base-model"  # as if the first run had started from a Hub repo
+    (first / "hfcompress.json").write_text(json.dumps(metadata))
+    assert resolve(str(first)).base_model == "org/base-model"
+    shutil.copytree(tiny("llama"), tmp_path / "plain")
+    assert resolve(str(tmp_path / "plain")).base_model is None
+
+
 def test_private_push_into_an_existing_public_repo_is_refused(hub, tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "out"
