@@ -30,8 +30,10 @@ def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl", ".json")) or source.count("/") > 1
 
 
-def read_text(source: str, purpose: str = "calibration", *, text_field: str = "text", split: str = "train") -> str:
-    """All text of `source` joined by blank lines. `purpose` picks the built-in book set: calibration or evaluation."""
+def read_text(source: str, purpose: str = "calibration", *, text_field: str = "text", split: str = "train",
+              subset: str | None = None) -> str:
+    """All text of `source` joined by blank lines. `purpose` picks the built-in book set: calibration or evaluation.
+    `split` and `subset` (the dataset configuration, e.g. `wikitext-2-raw-v1`) apply to `datasets` sources."""
     if source == BUILTIN:
         return _builtin_text(purpose)
     path = os.path.expanduser(source)
@@ -59,22 +61,23 @@ def read_text(source: str, purpose: str = "calibration", *, text_field: str = "t
     if looks_like_path(source) and not os.path.isdir(path):
         raise CalibrationError(f"{purpose} source {source!r} does not exist; give `builtin`, a .txt or .jsonl file, "
                                "or a `datasets` id")
-    return _dataset_text(source, text_field, split)
+    return _dataset_text(source, text_field, split, subset)
 
 
 DATASET_CHARS = 20_000_000  # read at most this much text from a dataset (streamed, never downloaded whole)
 
 
-def _dataset_text(source: str, text_field: str, split: str) -> str:
+def _dataset_text(source: str, text_field: str, split: str, subset: str | None) -> str:
     try:
         import datasets
     except ImportError:
         raise CalibrationError(f"reading {source!r} needs the `datasets` package: pip install datasets") from None
     try:
-        rows = iter(datasets.load_dataset(source, split=split, streaming=True))
+        rows = iter(datasets.load_dataset(source, subset, split=split, streaming=True))
         first = next(rows)
     except Exception as error:  # datasets raises many types for "not found" / offline / bad split / empty
-        raise CalibrationError(f"could not load dataset {source!r} (split {split!r}): {error}") from None
+        where = f"subset {subset!r}, split {split!r}" if subset else f"split {split!r}"
+        raise CalibrationError(f"could not load dataset {source!r} ({where}): {error}") from None
     if text_field not in first:
         raise CalibrationError(f"dataset {source!r} has no column {text_field!r}; columns: {sorted(first)}")
     texts, size = [], 0
@@ -121,9 +124,10 @@ class CalibrationData:
 
 
 def load_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int, seed: int,
-                     text_field: str = "text", split: str = "train") -> CalibrationData:
+                     text_field: str = "text", split: str = "train", subset: str | None = None) -> CalibrationData:
     """Read `source`, tokenize it and draw `n_samples` random windows of `seq_len` tokens with `seed`."""
-    tokens = token_stream(tokenizer, read_text(source, "calibration", text_field=text_field, split=split))
+    text = read_text(source, "calibration", text_field=text_field, split=split, subset=subset)
+    tokens = token_stream(tokenizer, text)
     ids = cut_windows(tokens, seq_len, n_samples, seed=seed, what=f"calibration source {source!r}")
     info = {"source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed, "tokens": ids.numel()}
     return CalibrationData(ids, info)

@@ -38,8 +38,10 @@ SECTION_FLAGS = {
     ("calibration", "source"): "--calib", ("calibration", "n_samples"): "--n-samples",
     ("calibration", "seq_len"): "--seq-len", ("calibration", "seed"): "--seed",
     ("calibration", "text_field"): "--text-field", ("calibration", "split"): "--split",
+    ("calibration", "subset"): "--subset",
     ("evaluation", "source"): "--eval-source", ("evaluation", "seq_len"): "--eval-seq-len",
-    ("evaluation", "n_windows"): "--eval-windows",
+    ("evaluation", "n_windows"): "--eval-windows", ("evaluation", "text_field"): "--eval-text-field",
+    ("evaluation", "split"): "--eval-split", ("evaluation", "subset"): "--eval-subset",
     ("output", "dir"): "--out", ("output", "overwrite"): "--overwrite", ("output", "push_to"): "--push-to",
     ("output", "private"): "--private",
 }

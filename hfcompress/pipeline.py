@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -123,11 +124,20 @@ def _source_license(resolved: ResolvedModel) -> str | None:
         return None
 
 
+def evaluates_on_calibration_text(recipe: Recipe) -> bool:
+    """Whether evaluation reads the calibration text (split and subset matter only for `datasets` sources)."""
+    c, ev = recipe.calibration, recipe.evaluation
+    if ev.source != c.source or ev.source == "builtin":
+        return False
+    return os.path.isfile(os.path.expanduser(ev.source)) or (ev.subset, ev.split) == (c.subset, c.split)
+
+
 def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch.Tensor | None:
     """The (n_windows, seq_len) perplexity windows, or None when perplexity does not apply."""
     if not ev.enabled or family != "causal-lm":
         return None
-    stream = token_stream(tokenizer, read_text(ev.source, "evaluation"))
+    stream = token_stream(tokenizer, read_text(ev.source, "evaluation", text_field=ev.text_field, split=ev.split,
+                                               subset=ev.subset))
     return cut_windows(stream, ev.seq_len, ev.n_windows, seed=None, what=f"evaluation source {ev.source!r}",
                        options="--eval-windows or --eval-seq-len")
 
@@ -164,12 +174,12 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
     tokenizer = load_tokenizer(resolved)
 
     calibration: CalibrationData | None = None
+    c, ev = recipe.calibration, recipe.evaluation
     if any(get_method(type(step).method).needs_calibration for step in recipe.steps):
-        c = recipe.calibration
         log(f"calibration: {c.n_samples} x {c.seq_len} tokens from {c.source}")
-        calibration = load_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field, c.split)
-    ev = recipe.evaluation
-    if ev.enabled and ev.source == recipe.calibration.source and ev.source != "builtin":
+        calibration = load_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field, c.split,
+                                       c.subset)
+    if ev.enabled and calibration and evaluates_on_calibration_text(recipe):
         log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
     windows = evaluation_windows(tokenizer, ev, resolved.family)
 
@@ -224,6 +234,7 @@ def _metadata(recipe: Recipe, resolved: ResolvedModel, calibration: CalibrationD
         "calibration": calibration.info if calibration else None,
         "evaluation": {**dataclasses.asdict(recipe.evaluation),
                        "n_windows_used": None if windows is None else len(windows), "device": str(device),
+                       "on_calibration_text": bool(calibration) and evaluates_on_calibration_text(recipe),
                        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                        "date": datetime.date.today().isoformat()},
         "steps": steps,

@@ -49,6 +49,7 @@ class CalibrationSpec:
     seed: int = option(0, "seed for drawing the windows")
     text_field: str = option("text", "field holding the text in .jsonl files and datasets")
     split: str = option("train", "dataset split")
+    subset: str | None = option(None, "dataset configuration, e.g. `wikitext-2-raw-v1` for `wikitext`")
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "seq_len"):
@@ -65,6 +66,9 @@ class EvaluationSpec:
                                        "model's context)")
     n_windows: int | None = option(32, "number of windows (None: the whole text)")
     speed: bool = option(True, "measure prefill and decode tokens/s")
+    text_field: str = option("text", "field holding the text in .jsonl files and datasets")
+    split: str = option("test", "dataset split")
+    subset: str | None = option(None, "dataset configuration, e.g. `wikitext-2-raw-v1` for `wikitext`")
 
     def __post_init__(self) -> None:
         if (self.seq_len is not None and self.seq_len <= 1) or (self.n_windows is not None and self.n_windows <= 0):

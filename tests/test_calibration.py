@@ -51,6 +51,23 @@ def test_datasets_source_from_a_local_dataset_folder(tmp_path):
     assert data.input_ids.shape == (4, 32)
 
 
+def test_datasets_subset_and_split_are_honoured(tmp_path):
+    """A dataset with two configurations (subsets) and train/test splits, declared the Hub way in README.md."""
+    folder = tmp_path / "two_subsets"
+    for subset in ("small", "large"):
+        (folder / subset).mkdir(parents=True)
+        for split in ("train", "test"):
+            (folder / subset / f"{split}.jsonl").write_text(
+                "\n".join(json.dumps({"text": f"{subset} {split} row {i}"}) for i in range(50)))
+    configs = "".join(f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train.jsonl\n"
+                      f"  - split: test\n    path: {s}/test.jsonl\n" for s in ("small", "large"))
+    (folder / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    assert read_text(str(folder), subset="large", split="test").startswith("large test row 0")
+    assert read_text(str(folder), subset="small").startswith("small train row 0")
+    with pytest.raises(CalibrationError, match="subset 'medium'"):
+        read_text(str(folder), subset="medium")
+
+
 def test_too_little_text_and_missing_files_are_clear_errors(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")

@@ -12,11 +12,15 @@ def test_flags_build_the_recipe_and_override_a_recipe_file(tmp_path):
     recipe_file.write_text(yaml.safe_dump({"model": "org/base", "steps": [{"method": "wanda", "sparsity": 0.5}],
                                            "calibration": {"n_samples": 64}}))
     args = build_parser().parse_args(["compress", "--recipe", str(recipe_file), "--sparsity", "0.6",
-                                      "--n-samples", "8", "--out", str(tmp_path / "o")])
+                                      "--n-samples", "8", "--out", str(tmp_path / "o"), "--calib", "wikitext",
+                                      "--subset", "wikitext-2-raw-v1", "--eval-source", "wikitext",
+                                      "--eval-subset", "wikitext-2-raw-v1", "--eval-split", "validation"])
     recipe = recipe_from_args(args)
     assert recipe.model.id == "org/base"
     assert recipe.steps == [WandaConfig(sparsity=0.6)]
     assert recipe.calibration.n_samples == 8 and recipe.output.dir == str(tmp_path / "o")
+    assert (recipe.calibration.subset, recipe.calibration.split) == ("wikitext-2-raw-v1", "train")
+    assert (recipe.evaluation.subset, recipe.evaluation.split) == ("wikitext-2-raw-v1", "validation")
 
 
 def test_compress_eval_and_card_commands(tiny, tmp_path, capsys):
@@ -29,7 +33,7 @@ def test_compress_eval_and_card_commands(tiny, tmp_path, capsys):
     metadata = json.loads((out / "hfcompress.json").read_text())
     assert metadata["steps"][0]["config"]["pattern"] == "2:4"
     assert metadata["recipe"]["calibration"] == {"source": "builtin", "n_samples": 4, "seq_len": 32, "seed": 0,
-                                                 "text_field": "text", "split": "train"}
+                                                 "text_field": "text", "split": "train", "subset": None}
 
     assert main(["eval", str(out), "--eval-seq-len", "64", "--eval-windows", "2"]) == 0
     measured = json.loads(capsys.readouterr().out)
