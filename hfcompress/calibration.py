@@ -61,13 +61,13 @@ def read_text(source: str, purpose: str = "calibration", *, text_field: str = "t
     if looks_like_path(source) and not os.path.isdir(path):
         raise CalibrationError(f"{purpose} source {source!r} does not exist; give `builtin`, a .txt or .jsonl file, "
                                "or a `datasets` id")
-    return _dataset_text(source, text_field, split, subset)
+    return _dataset_text(source, text_field, split, subset, purpose)
 
 
 DATASET_CHARS = 20_000_000  # read at most this much text from a dataset (streamed, never downloaded whole)
 
 
-def _dataset_text(source: str, text_field: str, split: str, subset: str | None) -> str:
+def _dataset_text(source: str, text_field: str, split: str, subset: str | None, purpose: str) -> str:
     try:
         import datasets
     except ImportError:
@@ -77,7 +77,8 @@ def _dataset_text(source: str, text_field: str, split: str, subset: str | None) 
         first = next(rows)
     except Exception as error:  # datasets raises many types for "not found" / offline / bad split / empty
         where = f"subset {subset!r}, split {split!r}" if subset else f"split {split!r}"
-        raise CalibrationError(f"could not load dataset {source!r} ({where}): {error}") from None
+        raise CalibrationError(f"could not load dataset {source!r} ({where}): {error} (the {purpose} options "
+                               "`subset` and `split` choose them)") from None
     if text_field not in first:
         raise CalibrationError(f"dataset {source!r} has no column {text_field!r}; columns: {sorted(first)}")
     texts, size = [], 0
@@ -130,4 +131,6 @@ def load_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int, 
     tokens = token_stream(tokenizer, text)
     ids = cut_windows(tokens, seq_len, n_samples, seed=seed, what=f"calibration source {source!r}")
     info = {"source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed, "tokens": ids.numel()}
+    if subset:
+        info["subset"] = subset
     return CalibrationData(ids, info)

@@ -124,16 +124,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fastest_seconds(call: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Fastest of `repeats` timed calls after one warm-up call: on a shared machine, noise only ever adds time."""
-    times = []
-    for _ in range(repeats + 1):
-        _synchronize(device)
-        start = time.perf_counter()
-        call()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+def _seconds(call: Callable[[], Any], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    call()
+    _synchronize(device)
+    return time.perf_counter() - start
 
 
 def pad_token_id(generation_config: Any) -> int | None:
@@ -147,8 +143,10 @@ def pad_token_id(generation_config: Any) -> int | None:
 @torch.no_grad()
 def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.device, new_tokens: int = 32,
                       repeats: int = 3) -> dict[str, float]:
-    """Prefill tokens/s (one forward over `prompt` (1, T)) and greedy decode tokens/s with a KV cache. Decode time
-    is t(generate `new_tokens`) - t(generate 1), so the prompt's own prefill is not counted as decoding."""
+    """Prefill tokens/s (one forward over `prompt` (1, T)), fastest of `repeats` after a warm-up, and greedy decode
+    tokens/s with a KV cache: the median over `repeats` rounds of t(generate `new_tokens`) - t(generate 1), timed
+    back to back, so the prompt's own prefill is not counted as decoding. Decode is left out when the difference
+    drowns in noise."""
     prompt = prompt.to(device)
     pad = pad_token_id(model.generation_config)
 
@@ -156,10 +154,14 @@ def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.devi
         return lambda: model.generate(prompt[:, :32], max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                       pad_token_id=pad)
 
-    prefill = _fastest_seconds(lambda: model(input_ids=prompt, use_cache=False), device, repeats)
-    first, all_tokens = (_fastest_seconds(generate(n), device, repeats) for n in (1, new_tokens))
-    return {"prefill_tokens_per_s": prompt.shape[1] / prefill,
-            "decode_tokens_per_s": (new_tokens - 1) / max(all_tokens - first, 1e-9)}
+    prefill = min([_seconds(lambda: model(input_ids=prompt, use_cache=False), device)
+                   for _ in range(repeats + 1)][1:])  # the first run warms up; noise only ever adds time
+    rounds = [(_seconds(generate(1), device), _seconds(generate(new_tokens), device)) for _ in range(repeats + 1)]
+    decode = sorted(many - one for one, many in rounds[1:])[repeats // 2]  # median of back-to-back differences
+    speed = {"prefill_tokens_per_s": prompt.shape[1] / prefill}
+    if decode > 0.1 * min(many for _, many in rounds[1:]):  # else the machine was too busy to tell them apart
+        speed["decode_tokens_per_s"] = (new_tokens - 1) / decode
+    return speed
 
 
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,

@@ -16,17 +16,20 @@ from .errors import PushError
 from .formats import read_metadata
 
 
-def _files(folder: str, repo_id: str) -> list[CommitOperationAdd]:
-    """Every file of `folder` except hidden ones; in the card, the usage snippet's placeholder path becomes
-    `repo_id` (the rest of the card, including any hand edits, is uploaded as it is)."""
+def _files(folder: str, repo_id: str, named_repo: str | None) -> list[CommitOperationAdd]:
+    """Every file of `folder` except git's and the Hub client's own folders. In the card, the model path of the usage
+    snippet (a placeholder, or `named_repo` the run meant to push to) becomes `repo_id`; the rest of the card,
+    including any hand edits, is uploaded as it is."""
     operations = []
     for path in sorted(Path(folder).rglob("*")):
         relative = path.relative_to(folder)
-        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+        if not path.is_file() or relative.parts[0] in (".git", ".cache"):
             continue
         content: str | bytes = str(path)
         if relative.as_posix() == "README.md":
-            content = path.read_text(encoding="utf-8").replace(f'"{UNPUSHED_REPO}"', f'"{repo_id}"').encode()
+            content = path.read_bytes()
+            for old in {UNPUSHED_REPO, named_repo or UNPUSHED_REPO}:
+                content = content.replace(f'"{old}"'.encode(), f'"{repo_id}"'.encode())
         operations.append(CommitOperationAdd(path_in_repo=relative.as_posix(), path_or_fileobj=content))
     return operations
 
@@ -45,7 +48,7 @@ def check_token(token: str | None = None) -> None:
         raise PushError("pushing needs a Hub token: run `hf auth login` or set HF_TOKEN (a token with write access)")
 
 
-def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
+def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
          endpoint: str | None = None, commit_message: str | None = None) -> str:
     """Upload `folder` to the model repo `repo_id` (created if missing) in one commit; return the commit URL.
 
@@ -56,10 +59,12 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
         token: Hub token; default: HF_TOKEN or the stored login.
         endpoint: Hub URL; default: HF_ENDPOINT or huggingface.co.
     """
+    folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise PushError(f"nothing to push: {folder!r} is not a folder")
     metadata = read_metadata(folder) or {}
     check_push_target(repo_id, metadata.get("recipe", {}).get("model", {}).get("id"), metadata.get("base_model"))
+    files = _files(folder, repo_id, metadata.get("output", {}).get("push_to"))
     api = HfApi(endpoint=endpoint, token=token)
     retry = f"hfcompress push {shlex.quote(folder)} --to {shlex.quote(repo_id)}" + (" --private" if private else "")
     try:
@@ -68,7 +73,7 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
             raise PushError(f"{repo_id!r} already exists and is public, and --private does not change an existing "
                             "repo: make it private on the Hub first, or push to a new name. The compressed model is "
                             f"kept in {folder!r}")
-        commit = api.create_commit(repo_id, _files(folder, repo_id), repo_type="model",
+        commit = api.create_commit(repo_id, files, repo_type="model",
                                    commit_message=commit_message or "Upload model compressed with hfcompress")
     except PushError:
         raise

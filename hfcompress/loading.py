@@ -106,6 +106,7 @@ def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool
             token: str | None = None) -> ResolvedModel:
     """Find the model and read its config; raise ModelLoadError with the reason when it cannot be had. `token`
     defaults to HF_TOKEN or the stored login."""
+    source = os.fspath(source)
     base_model = None
     if source.startswith("builtin:"):
         source_path, base_model, _ = _builtin(source)

@@ -148,15 +148,16 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path_or_text: str) -> "Recipe":
         """Read a recipe from a YAML file path or a YAML string."""
-        if os.path.isfile(path_or_text):
+        is_file = os.path.isfile(path_or_text)
+        if is_file:
             with open(path_or_text, encoding="utf-8") as handle:
                 path_or_text = handle.read()
-        elif "\n" not in path_or_text.strip() and ": " not in path_or_text:  # one line, not a mapping: a path
-            raise InvalidOptionError(f"recipe file {path_or_text!r} does not exist")
         try:
             data = yaml.safe_load(path_or_text)
         except yaml.YAMLError as error:
             raise InvalidOptionError(f"the recipe is not valid YAML: {error}") from None
+        if isinstance(data, str) and not is_file and "\n" not in data:  # one plain word: it was meant as a path
+            raise InvalidOptionError(f"recipe file {path_or_text!r} does not exist")
         if not isinstance(data, dict):
             raise InvalidOptionError("a recipe must be a YAML mapping with at least `model` and `steps`")
         return cls.from_dict(data)

@@ -68,9 +68,11 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
 
 
 def move(value: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to `device`."""
+    """Move every tensor inside nested tuples/lists/dicts to `device`. Detached first: a captured input must never be
+    a model Parameter itself (DeBERTa passes `rel_embeddings.weight` to every block), or moving the model's parameters
+    home would move the captured input with them."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.detach().to(device)
     if isinstance(value, (tuple, list)):
         return type(value)(move(v, device) for v in value)
     if isinstance(value, dict):

@@ -84,3 +84,17 @@ def test_a_bf16_checkpoint_is_measured_in_fp32_on_cpu_and_saved_in_bf16(tmp_path
 
     measured = evaluate_model(ModelSpec(str(source)), EvaluationSpec(seq_len=64, n_windows=2, speed=False))
     assert abs(measured["size_bytes"] - source_bytes) < 0.01 * source_bytes and measured["bits_per_weight"] == 16
+
+
+def test_a_card_from_older_metadata_still_warns_about_evaluating_on_calibration_text():
+    from hfcompress.card import render_card
+
+    metrics = {"perplexity": 10.0, "size_bytes": 1, "parameters": 1, "sparsity": 0.0, "bits_per_weight": 32.0}
+    metadata = {"family": "causal-lm", "source": "org/base", "steps": [{"method": "wanda", "paper": "p",
+                                                                        "description": "d"}],
+                "recipe": {"model": {"id": "org/base"}}, "metrics": {"before": metrics, "after": metrics},
+                "calibration": {"source": "my.txt", "n_samples": 4, "seq_len": 8, "seed": 0},
+                "evaluation": {"source": "my.txt", "seq_len": 8, "n_windows_used": 2}}
+    assert "(the calibration text itself: optimistic)" in render_card(metadata)
+    metadata["evaluation"]["on_calibration_text"] = False
+    assert "kept apart from the calibration text" in render_card(metadata)

@@ -57,6 +57,8 @@ def test_failed_push_keeps_the_folder_and_says_how_to_retry(hub, tiny, tmp_path,
                            capture_output=True, text=True, cwd=ROOT)
     assert retry.returncode == 0, retry.stderr
     assert "hfcompress.json" in hub.repos["alice/fails"]["files"]
+    push(out, "alice/second")  # the card was written for alice/fails; the copy pushed elsewhere names its own repo
+    assert b'from_pretrained("alice/second")' in hub.repos["alice/second"]["files"]["README.md"]
 
 
 def test_push_refuses_the_source_repo(tiny, tmp_path):
@@ -98,6 +100,7 @@ def test_compressing_an_output_again_keeps_its_base_model(tiny, tmp_path):
     metadata["base_model"] = "org/base-model"  # as if the first run had started from a Hub repo
     (first / "hfcompress.json").write_text(json.dumps(metadata))
     assert resolve(str(first)).base_model == "org/base-model"
+    assert type(hfcompress.load(first)).__name__ == "LlamaForCausalLM"  # a pathlib.Path works too
     shutil.copytree(tiny("llama"), tmp_path / "plain")
     assert resolve(str(tmp_path / "plain")).base_model is None
 

@@ -118,3 +118,20 @@ def test_keyword_inputs_equal_across_windows_are_stored_once(tiny):
         assert cos is first_cos and sin is first_sin
         assert not torch.equal(args[0] if args else kwargs["hidden_states"],
                                captured[0][0][0] if captured[0][0] else captured[0][1]["hidden_states"])
+
+
+def test_captured_inputs_never_alias_model_parameters():
+    """DeBERTa hands `rel_embeddings.weight` itself to every block; a captured input must be a copy, or moving the
+    embeddings back to the CPU after capture would move the block inputs with them."""
+    import transformers
+
+    config = transformers.DebertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, relative_attention=True, max_relative_positions=16,
+                                        pos_att_type=["c2p", "p2c"])
+    model = transformers.DebertaModel(config).eval()
+    batches = list(torch.randint(0, 100, (2, 8)).split(1))
+    captured = capture_inputs(model, model.encoder.layer[0], batches, torch.device("cpu"))
+    parameters = {id(p) for p in model.parameters()}
+    inputs = [t for args, kwargs in captured for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+    assert any(t.shape == model.encoder.rel_embeddings.weight.shape for t in inputs)  # it is passed to the block
+    assert not any(id(t) in parameters for t in inputs)

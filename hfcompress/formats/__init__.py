@@ -125,6 +125,7 @@ def load(path_or_repo: str, **kwargs: Any) -> torch.nn.Module:
     """
     from ..loading import model_class, resolve
 
+    path_or_repo = os.fspath(path_or_repo)
     # resolve() turns a missing folder, an unknown or gated repo, or no network into one clear ModelLoadError
     resolved = resolve(path_or_repo, revision=kwargs.get("revision"), token=kwargs.get("token"),
                        trust_remote_code=kwargs.get("trust_remote_code", False))
