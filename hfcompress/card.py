@@ -68,6 +68,11 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         model_name=(name or f"{base.split('/')[-1]}-{'-'.join(methods)}") if eval_results else None,
         eval_results=eval_results or None,
     )
+    calibration = metadata.get("calibration")
+    on_calibration_text = evaluation.get("on_calibration_text")
+    if on_calibration_text is None:  # hfcompress.json written before the flag was recorded: compare the sources
+        on_calibration_text = (bool(calibration) and evaluation.get("source") not in ("builtin", None)
+                               and evaluation.get("source") == calibration.get("source"))
     from .evaluate import format_table
 
     before = metadata.get("metrics", {}).get("before", {})
@@ -82,7 +87,8 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         table=format_table(before, after) if before and after else "",
         speed="decode_tokens_per_s" in after,
         evaluation=evaluation,
-        calibration=metadata.get("calibration"),
+        calibration=calibration,
+        on_calibration_text=on_calibration_text,
         plots=metadata.get("plots"),
         dtype=metadata.get("dtype"),
         gguf_file=metadata.get("gguf_file"),

@@ -28,7 +28,7 @@ def _files(folder: str, repo_id: str, named_repo: str | None) -> list[CommitOper
         content: str | bytes = str(path)
         if relative.as_posix() == "README.md":
             content = path.read_bytes()
-            for old in {UNPUSHED_REPO, named_repo or UNPUSHED_REPO}:
+            for old in filter(None, (UNPUSHED_REPO, named_repo)):
                 content = content.replace(f'"{old}"'.encode(), f'"{repo_id}"'.encode())
         operations.append(CommitOperationAdd(path_in_repo=relative.as_posix(), path_or_fileobj=content))
     return operations

@@ -72,18 +72,19 @@ def check_support(resolved: ResolvedModel, recipe: Recipe) -> None:
     if any(isinstance(n, int) and n > 1 for n in experts):
         raise UnsupportedModelError(f"{resolved.source!r} is a mixture-of-experts model; its experts are fused "
                                     "tensors rather than Linear layers, which no method handles yet")
+    checks = []
     for step in recipe.steps:
         spec = get_method(type(step).method)
         if resolved.family not in spec.supports:
             architecture = (getattr(resolved.config, "architectures", None) or [resolved.config.model_type])[0]
             raise UnsupportedModelError(f"method `{spec.name}` does not support {architecture} ({resolved.family}); "
                                         f"it supports: {choices(spec.supports)}")
-    checks = [(get_method(type(step).method).check, step) for step in recipe.steps]
-    if any(check for check, _ in checks):
+        if spec.check:
+            checks.append((spec.check, step))
+    if checks:
         skeleton = model_skeleton(resolved)
         for check, step in checks:
-            if check:
-                check(skeleton, step)
+            check(skeleton, step)
 
 
 def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.device) -> Recipe:
