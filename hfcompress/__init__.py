@@ -5,16 +5,27 @@
                                output={"dir": "out/smollm2-wanda"})
     result = hfcompress.compress(recipe)
     model = hfcompress.load("out/smollm2-wanda")
+
+The names below are imported on first use, so `import hfcompress` (and the CLI's --help) does not pay for torch and
+transformers until work starts.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import HfCompressError  # noqa: E402
-from .formats import load  # noqa: E402
-from .options import make_config  # noqa: E402
-from .pipeline import Result, compress  # noqa: E402
-from .recipe import Recipe  # noqa: E402
-from .registry import Report, available_methods, register  # noqa: E402
+_EXPORTS = {
+    "HfCompressError": "errors", "Recipe": "recipe", "Report": "registry", "Result": "pipeline",
+    "available_methods": "registry", "compress": "pipeline", "load": "formats", "make_config": "options",
+    "register": "registry", "Context": "context", "Structure": "structure",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["HfCompressError", "Recipe", "Report", "Result", "available_methods", "compress", "load", "make_config",
-           "register", "__version__"]
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'hfcompress' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .hub import UNPUSHED_REPO
+
 PIPELINE_TAGS = {"causal-lm": "text-generation", "encoder": "feature-extraction",
                  "vision": "image-feature-extraction", "vision-language": None}
 TEMPLATE = "model_card.md.j2"
-UNPUSHED_REPO = "path/to/this/folder"  # the usage snippet's model path until the folder is pushed
 
 
 def template_path() -> str:
@@ -25,9 +27,14 @@ def template_path() -> str:
 
 
 def _usage(metadata: dict[str, Any], repo: str) -> str:
+    from .formats import loading_needs
+
+    needs = loading_needs(metadata)
     if metadata["family"] == "causal-lm":
-        return (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
-                f'model = AutoModelForCausalLM.from_pretrained("{repo}")\n'
+        install = "".join(f"# pip install {shlex.quote(package)}\n" for package in needs["packages"])
+        trust = ", trust_remote_code=True" if needs["trust_remote_code"] else ""
+        return (f'{install}from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                f'model = AutoModelForCausalLM.from_pretrained("{repo}"{trust})\n'
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo}")\n'
                 f'inputs = tokenizer("The Time Traveller", return_tensors="pt")\n'
                 f'print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))')
@@ -35,18 +42,47 @@ def _usage(metadata: dict[str, Any], repo: str) -> str:
 
 
 def _compatibility(metadata: dict[str, Any]) -> str:
-    needs = metadata.get("loading", {})
+    """How the output loads, from what the writer recorded (never from method names)."""
+    from .formats import loading_needs, structure_of
+
+    needs, kinds = loading_needs(metadata), structure_of(metadata).kinds
     if needs.get("trust_remote_code"):
         return "needs `trust_remote_code=True` (a small modeling file in this repo); or `hfcompress.load`."
+    if needs["format"] == "compressed-tensors":
+        bits = sorted({entry["bits"] for entry in structure_of(metadata).of_kind("quantized").values()})
+        runtimes = (" vLLM's compressed-tensors support covers symmetric 4- and 8-bit groups (not tested by "
+                    "hfcompress)." if set(bits) <= {4, 8} else "")
+        return (f"plain transformers `from_pretrained` after `pip install {_pip(needs['packages'])}`: the "
+                f"compressed-tensors pack-quantized format ({'/'.join(map(str, bits))}-bit integers with one scale "
+                "per group). Without the package, loading stops with the pip command." + runtimes)
     if needs.get("packages"):
-        return f"needs `pip install {' '.join(needs['packages'])}`; then plain `from_pretrained`."
-    return ("plain transformers `from_pretrained`, no extra package: a standard checkpoint with the same layout as "
-            "the base model, so runtimes that load the base model (e.g. vLLM) load it too. Zeros are stored "
-            "densely: the size on disk and the speed are those of an uncompressed checkpoint in the same dtype.")
+        return f"needs `pip install {_pip(needs['packages'])}`; then plain `from_pretrained`."
+    text = ("plain transformers `from_pretrained`, no extra package: a standard checkpoint with the same layout as "
+            "the base model, so runtimes that load the base model (e.g. vLLM) load it too.")
+    if "sparse" in kinds:
+        text += (" Zeros are stored densely: the size on disk and the speed are those of an uncompressed checkpoint "
+                 "in the same dtype.")
+    return text
+
+
+def _pip(packages: list[str]) -> str:
+    return " ".join(map(shlex.quote, packages))
+
+
+def _tags(metadata: dict[str, Any], methods: list[str]) -> list[str]:
+    from .formats import loading_needs, structure_of
+
+    tags = ["hfcompress", "compressed", *methods]
+    if loading_needs(metadata)["format"] == "compressed-tensors":
+        bits = sorted({e["bits"] for e in structure_of(metadata).of_kind("quantized").values()}, reverse=True)
+        tags += ["compressed-tensors", *(f"{b}-bit" for b in bits)]
+    return list(dict.fromkeys(tags))
 
 
 def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
     """The README.md text for a compressed model described by `metadata` (the content of hfcompress.json)."""
+    from .formats import structure_of
+
     repo = repo_id or metadata.get("output", {}).get("push_to") or UNPUSHED_REPO
     methods = [step["method"] for step in metadata["steps"]]
     after = metadata.get("metrics", {}).get("after", {})
@@ -60,8 +96,8 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
     name = repo.split("/")[-1] if repo_id or metadata.get("output", {}).get("push_to") else None
     card_data = ModelCardData(
         base_model=metadata.get("base_model"),
-        base_model_relation="quantized" if metadata.get("quantized") else None,
-        tags=["hfcompress", "compressed", *methods],
+        base_model_relation="quantized" if "quantized" in structure_of(metadata).kinds else None,
+        tags=_tags(metadata, methods),
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS.get(metadata["family"]),
         license=metadata.get("license"),

@@ -74,7 +74,8 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     for name, spec in available_methods().items():
         for f in config_fields(spec.config_class):
             owners.setdefault(f.name, []).append(name)
-            helps.setdefault(f.name, f.metadata.get("help", ""))
+            listed = f" (one of: {', '.join(map(str, f.metadata['choices']))})" if "choices" in f.metadata else ""
+            helps.setdefault(f.name, f.metadata.get("help", "") + listed)
     for field_name, methods in owners.items():
         group.add_argument("--" + field_name.replace("_", "-"), dest=f"method.{field_name}", default=argparse.SUPPRESS,
                            metavar="VALUE", help=f"{helps[field_name]} [{', '.join(methods)}]")

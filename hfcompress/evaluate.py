@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .sequential import find_linears, named_blocks, weight_matrix
+from .structure import Structure
 
 
 @contextmanager
@@ -21,7 +22,7 @@ def on_device(model: nn.Module, device: torch.device) -> Iterator[bool]:
     memory (yields True then). Back on the CPU afterwards."""
     if device.type != "cuda":
         yield False
-    elif weights_bytes(model) < 0.8 * torch.cuda.mem_get_info(device)[0]:
+    elif stored_bytes(model) < 0.8 * torch.cuda.mem_get_info(device)[0]:
         model.to(device)
         try:
             yield False
@@ -52,23 +53,20 @@ def streamed(model: nn.Module, device: torch.device) -> Iterator[None]:
             store[name] = tensor
 
 
-def unique_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Parameters and persistent buffers, each storage once (tied embeddings count once, as on disk)."""
-    seen, tensors = set(), []
-    for tensor in [*model.parameters(), *model.buffers()]:
-        key = (tensor.data_ptr(), tensor.shape) if tensor.device.type != "meta" else id(tensor)
-        if key not in seen:
-            seen.add(key)
-            tensors.append(tensor)
-    return tensors
+QUANTIZATION_PARAMETERS = ("weight_scale", "weight_zero_point", "weight_global_scale")
 
 
 def parameter_count(model: nn.Module) -> int:
+    """Weights of the model, tied ones once. A layer loaded from the compressed-tensors format counts the out x in
+    weights its packed integers stand for (its scales are storage, counted in the size, not parameters)."""
     seen, total = set(), 0
-    for param in model.parameters():
-        if id(param) not in seen:
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or name in QUANTIZATION_PARAMETERS:
+                continue
             seen.add(id(param))
-            total += param.numel()
+            shape = getattr(module, "weight_shape", None) if name == "weight_packed" else None
+            total += int(torch.as_tensor(shape).prod()) if shape is not None else param.numel()
     return total
 
 
@@ -83,27 +81,36 @@ def block_linear_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def _stored_size(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
-    """Bytes per element as stored: floating tensors in `dtype` when given, the rest as they are."""
-    if dtype is not None and tensor.is_floating_point():
-        return dtype.itemsize
-    return tensor.element_size()
+def stored_bytes(model: nn.Module, structure: Structure | None = None, dtype: torch.dtype | None = None) -> int:
+    """Bytes of tensor data the writer chosen for `structure` stores (file headers aside): every state-dict tensor
+    once (tied weights share storage), floating ones in `dtype` when given; a quantized layer's weight as its packed
+    integers (ceil(in * bits / 32) int32 words per row), its per-group scales in `dtype` and its shape (2 int64)."""
+    quantized = structure.of_kind("quantized") if structure else {}
+    packed = {f"{name}.weight": entry for name, entry in quantized.items()}
+    seen, total = set(), 0
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.device.type != "meta" else name
+        if key in seen:
+            continue
+        seen.add(key)
+        element = dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.element_size()
+        if name in packed:
+            rows, cols = tensor.shape
+            bits, group_size = packed[name]["bits"], packed[name]["group_size"]
+            total += rows * -(-cols * bits // 32) * 4 + rows * (cols // group_size) * element + 2 * 8
+        else:
+            total += tensor.numel() * element
+    return total
 
 
-def bits_per_weight(model: nn.Module, dtype: torch.dtype | None = None) -> float:
-    """Stored bits per parameter, averaged over all parameters (floating ones counted in `dtype` when given)."""
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() * _stored_size(p, dtype) * 8 for p in params) / max(1, sum(p.numel() for p in params))
-
-
-def weights_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Bytes of the state that safetensors stores, each storage once (floating ones in `dtype` when given)."""
-    return sum(t.numel() * _stored_size(t, dtype) for t in unique_tensors(model))
-
-
-def folder_weights_bytes(folder: str) -> int:
+def folder_weights_bytes(folder: str | os.PathLike) -> int:
     """Size on disk of the weight files of a saved model folder."""
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def size_metrics(size_bytes: int, parameters: int) -> dict[str, Any]:
+    """Size and true bits per weight (everything stored, scales included, over the parameters)."""
+    return {"size_bytes": size_bytes, "bits_per_weight": round(8 * size_bytes / max(1, parameters), 4)}
 
 
 @torch.no_grad()
@@ -165,15 +172,16 @@ def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.devi
 
 
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,
-            speed: bool = True, desc: str = "", storage_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Every number of the before/after table that can be read off the model in memory; size and bits count
-    floating weights in `storage_dtype` (the dtype they are saved in) when given."""
-    metrics: dict[str, Any] = {
-        "parameters": parameter_count(model),
-        "size_bytes": weights_bytes(model, storage_dtype),
-        "sparsity": round(block_linear_sparsity(model), 6),
-        "bits_per_weight": round(bits_per_weight(model, storage_dtype), 4),
-    }
+            structure: Structure | None = None, sparsity: bool = False, speed: bool = True, desc: str = "",
+            storage_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Every number of the before/after table: size and bits as the writer for `structure` stores the model
+    (floating tensors in `storage_dtype`), sparsity when `sparsity` (only where something is pruned), perplexity
+    and tokens/s of the model in memory (which equals the model as it loads: the tests check it)."""
+    parameters = parameter_count(model)
+    metrics: dict[str, Any] = {"parameters": parameters,
+                               **size_metrics(stored_bytes(model, structure, storage_dtype), parameters)}
+    if sparsity:
+        metrics["sparsity"] = round(block_linear_sparsity(model), 6)
     if family == "causal-lm" and windows is not None:
         with on_device(model, device) as streamed:
             metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())

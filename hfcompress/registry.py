@@ -14,26 +14,40 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import UnknownMethodError, choices
+from .structure import KINDS
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "hfcompress.methods"
 MODEL_FAMILIES = ("causal-lm", "encoder", "seq2seq", "vision", "vision-language")
+# Option names of the pipeline (CLI flags, recipe sections): a method field with one of these names would give the
+# CLI two flags of one name, so the registry refuses it.
+RESERVED_OPTIONS = frozenset({
+    "model", "method", "recipe", "no_eval", "revision", "dtype", "compute_dtype", "device", "trust_remote_code",
+    "calib", "source", "n_samples", "seq_len", "seed", "text_field", "split", "subset", "eval_source",
+    "eval_seq_len", "eval_windows", "eval_text_field", "eval_split", "eval_subset", "out", "dir", "overwrite",
+    "push_to", "private", "to", "token", "help",
+})
 
 
 @dataclass
 class Report:
-    """What a transform did: headline numbers plus the per-module map that the saved format records.
+    """What a transform did: headline numbers plus its entries for the structure map (see `structure.py`).
 
     Args:
         method: registered method name.
         stats: measured numbers, e.g. `{"sparsity": 0.5}`.
-        modules: module name -> what changed in it, e.g. `{"model.layers.0.mlp.up_proj": {"sparsity": 0.5}}`.
+        modules: module name (after this step) -> {kind: details}, built with `structure.sparse(...)`,
+            `structure.quantized(...)`, `structure.lowrank(...)` or `structure.dropped(...)`.
+        renamed: module-name prefixes this step renumbered: old -> new, or None for a removed module.
+        config: model config attributes this step changed, with their new values.
     """
 
     method: str
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     modules: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    renamed: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,7 @@ class MethodSpec:
     supports: tuple[str, ...]
     summary: str
     check: Callable[[Any, Any], Any] | None = None
+    changes: str | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -60,8 +75,12 @@ def register(
     supports: tuple[str, ...] = ("causal-lm",),
     summary: str = "",
     check: Callable[[Any, Any], Any] | None = None,
+    changes: str | None = None,
 ) -> Callable[[Callable[..., Report]], Callable[..., Report]]:
-    """Register `transform(model, config, calibration) -> Report` as the method named `config_class.method`.
+    """Register `transform(model, config, context) -> Report` as the method named `config_class.method`.
+
+    The transform edits `model` in place; `context` (`hfcompress.context.Context`) carries the calibration data,
+    the compute device, the storage dtype, and runs the block-by-block engine with progress and cancel.
 
     Args:
         config_class: a frozen dataclass with a class attribute `method` (the method's name).
@@ -70,8 +89,11 @@ def register(
         supports: model families the transform handles, a subset of `MODEL_FAMILIES`.
         summary: one line for `hfcompress methods` and the README.
         check: `check(model, config)` raises an `HfCompressError` when the config does not fit the model (e.g.
-            targets that match no layer). It runs on a weightless (meta-device) copy of the model before the
-            weights are loaded, so it must only read names and shapes.
+            targets that match no layer) and returns the names of the modules the step will change. It runs on a
+            weightless (meta-device) copy of the model as the earlier steps left it, before any weight is loaded,
+            so it must only read names and shapes (a step that edits the structure applies its edit there too).
+        changes: the kind of change the step makes to those modules (`sparse`, `quantized`, `lowrank`,
+            `dropped`), so that a step that cannot follow an earlier one is refused before loading.
     """
     if not (dataclasses.is_dataclass(config_class) and config_class.__dataclass_params__.frozen):
         raise TypeError(f"{config_class!r} must be a frozen dataclass: decorate it with @dataclass(frozen=True)")
@@ -81,6 +103,12 @@ def register(
     unknown = set(supports) - set(MODEL_FAMILIES)
     if unknown:
         raise TypeError(f"unknown model families {sorted(unknown)} for {name}; valid: {choices(MODEL_FAMILIES)}")
+    clashes = sorted(f.name for f in dataclasses.fields(config_class) if f.init and f.name in RESERVED_OPTIONS)
+    if clashes:
+        raise TypeError(f"{config_class.__name__} fields {clashes} reuse pipeline option names; rename them "
+                        f"(reserved: {', '.join(sorted(RESERVED_OPTIONS))})")
+    if changes is not None and changes not in KINDS:
+        raise TypeError(f"unknown kind of change {changes!r} for {name}; valid: {choices(KINDS)}")
 
     def decorator(transform: Callable[..., Report]) -> Callable[..., Report]:
         existing = _METHODS.get(name)
@@ -88,7 +116,7 @@ def register(
             raise TypeError(f"a method named {name!r} is already registered (by {existing.transform.__module__}); "
                             "pick another name")
         _METHODS[name] = MethodSpec(name, config_class, transform, paper, needs_calibration, tuple(supports),
-                                    summary or (transform.__doc__ or "").strip().splitlines()[0], check)
+                                    summary or (transform.__doc__ or "").strip().splitlines()[0], check, changes)
         return transform
 
     return decorator
@@ -98,8 +126,9 @@ def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
+    from . import methods  # noqa: F401  (built-in methods register on import; an error here surfaces every time)
+
     _plugins_loaded = True
-    from . import methods  # noqa: F401  (built-in methods register on import)
 
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:

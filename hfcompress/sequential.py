@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -32,16 +33,25 @@ Inputs = list[tuple[tuple, dict]]  # per calibration batch: (positional args, ke
 
 def find_block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The model's transformer block stacks, in definition order: ModuleLists of same-class modules that contain
-    Linear layers and are not nested inside another such stack (so MoE expert lists are not mistaken for stacks)."""
+    Linear layers and are not nested inside another such stack (so MoE expert lists are not mistaken for stacks).
+    A block whose sub-layers were all dropped still counts, as long as another block of the stack has layers."""
     stacks: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(child) for child in module}) != 1 or not find_linears(module[0]):
+        if len({type(child) for child in module}) != 1 or not any(find_linears(child) for child in module):
             continue
         if any(name.startswith(outer + ".") for outer, _ in stacks):
             continue
         stacks.append((name, module))
+    return stacks
+
+
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """`find_block_stacks`, or an UnsupportedModelError when the model has none."""
+    stacks = find_block_stacks(model)
+    if not stacks:
+        raise UnsupportedModelError(f"{type(model).__name__} has no stack of transformer blocks with Linear layers")
     return stacks
 
 
@@ -170,30 +180,54 @@ def move_outer(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = buffer.to(device)
 
 
+@dataclass
+class BlockStep:
+    """What a method's per-block callback gets.
+
+    Args:
+        name: the block's full name, e.g. `model.layers.3`.
+        block: the block, on the compute device.
+        inputs: per calibration batch, the (args, kwargs) the block is called with; the hidden states (batch,
+            seq, hidden) are `args[0]` or `kwargs["hidden_states"]` (see `hidden_states_of`).
+        run: runs the block on all inputs and returns its outputs, one (batch, seq, hidden) tensor per batch.
+    """
+
+    name: str
+    block: nn.Module
+    inputs: Inputs
+    run: Callable[[], list[torch.Tensor]]
+
+
+def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block was called with."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @torch.no_grad()
 def run_blocks(
     model: nn.Module,
     batches: list[torch.Tensor],
     device: torch.device | str,
-    process_block: Callable[[str, nn.Module, Callable[[], list[torch.Tensor]]], None],
+    process_block: Callable[[BlockStep], None],
     *,
     sequential: bool = True,
     desc: str = "blocks",
+    on_block: Callable[[int, int, str], None] | None = None,
 ) -> None:
-    """Call `process_block(name, block, run)` for every transformer block, one block on `device` at a time.
+    """Call `process_block(BlockStep)` for every transformer block, one block on `device` at a time.
 
-    `run()` runs the block on all calibration inputs and returns its outputs; the method attaches its hooks around
-    it to collect statistics, then compresses the block. With `sequential=True` the block runs again after
+    `step.run()` runs the block on all calibration inputs and returns its outputs; the method attaches its hooks
+    around it to collect statistics, then compresses the block. With `sequential=True` the block runs again after
     compression so that later blocks see the compressed earlier ones (the Wanda/SparseGPT lineage); with
     `sequential=False` later blocks see dense activations, which equals processing the whole model at once (for a
     model with several block stacks, a later stack's inputs come from the already-compressed earlier stacks).
+    `on_block(done, total, name)` is called before each block (progress, and a cancel that raises between blocks).
     """
     device = torch.device(device)
-    stacks = find_block_stacks(model)
-    if not stacks:
-        raise UnsupportedModelError(f"{type(model).__name__} has no stack of transformer blocks with Linear layers")
+    stacks = block_stacks(model)
     home = next(model.parameters()).device
     homes = {id(b): next(b.parameters()).device for _, stack in stacks for b in stack}
+    total, done = sum(len(stack) for _, stack in stacks), 0
     for stack_name, stack in stacks:
         move_outer(model, device)  # embeddings etc. are needed only to compute the first block's inputs
         try:
@@ -201,6 +235,8 @@ def run_blocks(
         finally:
             move_outer(model, home)
         for index, block in enumerate(tqdm(stack, desc=f"{desc} ({stack_name})", leave=False)):
+            if on_block is not None:
+                on_block(done, total, f"{stack_name}.{index}")
             block.to(device)
             try:
                 inputs = _process_block(f"{stack_name}.{index}", block, inputs, process_block, sequential)
@@ -208,6 +244,7 @@ def run_blocks(
                 block.to(homes[id(block)])
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            done += 1
 
 
 def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block, sequential: bool) -> Inputs:
@@ -220,7 +257,7 @@ def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block, s
             dense_outputs.extend(outputs)
         return outputs
 
-    process_block(name, block, run)
+    process_block(BlockStep(name, block, inputs, run))
     outputs = run() if sequential or not dense_outputs else dense_outputs
     return [_with_hidden_states(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
 

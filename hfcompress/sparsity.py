@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import InvalidOptionError, UnsupportedModelError
-from .options import option
-from .sequential import find_linears, named_blocks, weight_matrix
+from .options import check_choices, option
+from .registry import Report
+from .sequential import BlockStep, block_stacks, find_linears, named_blocks, weight_matrix
+from .statistics import InputStatistics
+from .structure import sparse
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -45,6 +48,7 @@ class PruningConfig:
                                           "blocks)")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         nm = parse_pattern(self.pattern)
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise InvalidOptionError(f"sparsity must be in [0, 1), got {self.sparsity}")
@@ -92,9 +96,8 @@ def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 def pruning_targets(model: nn.Module, config: PruningConfig) -> dict[str, dict[str, nn.Module]]:
     """Block name -> {layer name: layer} to prune. Checked before anything changes: the targets must match at least
     one layer, and every matched layer must take the N:M pattern."""
+    block_stacks(model)  # a clear error when the model has no blocks
     targets = {prefix: find_linears(block, config.targets, prefix) for prefix, block in named_blocks(model)}
-    if not targets:
-        raise UnsupportedModelError(f"{type(model).__name__} has no stack of transformer blocks with Linear layers")
     if not any(targets.values()):
         prefix, block = next(named_blocks(model))
         examples = list(find_linears(block, (), prefix))
@@ -110,15 +113,56 @@ def pruning_targets(model: nn.Module, config: PruningConfig) -> dict[str, dict[s
     return targets
 
 
+def pruning_check(model: nn.Module, config: PruningConfig) -> list[str]:
+    """The registry check of every pruning method: the names of the layers it will prune (errors as above)."""
+    return [name for layers in pruning_targets(model, config).values() for name in layers]
+
+
 def apply_mask(layer: nn.Module, keep: torch.Tensor) -> dict[str, Any]:
-    """Zero the pruned weights in place; return the layer's entry for the report's module map."""
+    """Zero the pruned weights in place; return the layer's structure-map entry."""
     weight = weight_matrix(layer)
     weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))
-    return {"sparsity": round(1 - keep.float().mean().item(), 6)}
+    return sparse(1 - keep.float().mean().item())
 
 
-def report_stats(modules: dict[str, dict[str, Any]], layers_numel: dict[str, int]) -> dict[str, Any]:
-    """Weighted mean sparsity over the pruned layers."""
+def pruning_report(method: str, modules: dict[str, dict[str, Any]], layers_numel: dict[str, int]) -> Report:
+    """The Report of a pruning step, with the weighted mean sparsity over the pruned layers."""
     total = sum(layers_numel.values())
-    pruned = sum(modules[name]["sparsity"] * numel for name, numel in layers_numel.items())
-    return {"sparsity": round(pruned / total, 6) if total else 0.0, "layers": len(modules)}
+    pruned = sum(modules[name]["sparse"]["sparsity"] * numel for name, numel in layers_numel.items())
+    return Report(method, {"sparsity": round(pruned / total, 6) if total else 0.0, "layers": len(modules)}, modules)
+
+
+# mask_fn(weight (out, in) fp32 copy, statistics, layer name, ratio, nm) -> keep mask (out, in); it may also return
+# an updated weight as (keep, new_weight), for methods that compensate the pruning error (SparseGPT).
+MaskFunction = Callable[[torch.Tensor, InputStatistics, str, float, "tuple[int, int] | None"], Any]
+
+
+def prune_blocks(model: nn.Module, config: PruningConfig, context: Any, mask_fn: MaskFunction, *,
+                 statistics: tuple[str, ...] = ("sq_sum",), ratio_of: Callable[[str], float] | None = None,
+                 sequential: bool = True) -> Report:
+    """The pruning loop shared by the calibrated pruning methods: block by block, collect the input `statistics`
+    of the targeted layers while the block runs, then prune each layer with `mask_fn` at its ratio (`ratio_of(name)`,
+    default `config.ratio`)."""
+    method = type(config).method
+    targets = pruning_targets(model, config)
+    modules: dict[str, dict[str, Any]] = {}
+    numel: dict[str, int] = {}
+
+    def process(step: BlockStep) -> None:
+        layers = targets[step.name]
+        if not layers:  # nothing targeted in this block: the engine still runs it to feed the next one
+            return
+        with InputStatistics(layers, statistics) as stats:
+            step.run()
+        for name, layer in layers.items():
+            weight = weight_matrix(layer)
+            result = mask_fn(weight.detach().float(), stats, name, ratio_of(name) if ratio_of else config.ratio,
+                             config.nm)
+            keep, new_weight = result if isinstance(result, tuple) else (result, None)
+            if new_weight is not None:
+                weight.copy_(new_weight.to(weight.dtype))
+            modules[name] = apply_mask(layer, keep)
+            numel[name] = weight.numel()
+
+    context.run_blocks(model, process, sequential=sequential, desc=method)
+    return pruning_report(method, modules, numel)

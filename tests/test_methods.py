@@ -1,23 +1,39 @@
-"""One table of cases over every registered method, run through the whole pipeline on tiny random models, with the
-output reloaded in a fresh process (plain transformers and hfcompress.load) and compared with the in-memory model."""
+"""Two tables over every registered method, on tiny random models:
+
+- the round-trip table: the whole pipeline, then the output reloaded in a fresh process (plain transformers and
+  hfcompress.load) and compared with the in-memory model, in the loading mode the case declares;
+- the per-method invariants (exact sparsity per row, weights on the quantization grid, ...), by kind of change.
+"""
+
+import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import hfcompress
+from hfcompress.quantization import SCALE_BUFFER
 from hfcompress.sequential import find_linears, named_blocks, weight_matrix
 from tests.tiny_models import CAUSAL, fingerprint, reloaded_outputs
 
-# method -> list of (options, tiny models). Adding a method means adding its row here (a guard test checks).
+# Loading modes: `plain` loads with transformers alone; `package` needs a pip package (and fails without it, with
+# the pip command); `remote-code` needs trust_remote_code.
+# method -> list of (options, tiny models, loading mode). Adding a method means adding its rows (a guard checks).
 CASES = {
-    "magnitude": [({"sparsity": 0.5}, ["llama", "gpt2", "bert", "clip", "llava"]),
-                  ({"pattern": "2:4"}, ["qwen2"]),
-                  ({"sparsity": 0.3, "scope": "layer"}, ["opt"])],
-    "wanda": [({"sparsity": 0.5}, [*CAUSAL, "bert"]),
-              ({"pattern": "2:4"}, ["llama", "gpt2"]),
-              ({"pattern": "4:8", "sequential": False}, ["mistral"])],
+    "magnitude": [({"sparsity": 0.5}, ["llama", "gpt2", "bert", "clip", "llava"], "plain"),
+                  ({"pattern": "2:4"}, ["qwen2"], "plain"),
+                  ({"sparsity": 0.3, "scope": "layer"}, ["opt"], "plain")],
+    "wanda": [({"sparsity": 0.5}, [*CAUSAL, "bert"], "plain"),
+              ({"pattern": "2:4"}, ["llama", "gpt2"], "plain"),
+              ({"pattern": "4:8", "sequential": False}, ["mistral"], "plain")],
+    "rtn": [({"bits": 4}, ["llama", "qwen3", "bert", "llava"], "package"),
+            ({"bits": 3, "group_size": 16}, ["mistral"], "package"),
+            ({"bits": 8, "group_size": 32}, ["phi3"], "package"),
+            ({"bits": 2}, ["opt"], "package")],
 }
-TABLE = [(method, options, model) for method, rows in CASES.items() for options, models in rows for model in models]
+TABLE = [(method, options, model, mode) for method, rows in CASES.items() for options, models, mode in rows
+         for model in models]
+PACKAGES = {"rtn": "compressed_tensors"}
 
 
 def test_every_registered_method_has_a_row():
@@ -26,38 +42,29 @@ def test_every_registered_method_has_a_row():
     assert builtin == set(CASES)
 
 
-def _block_rows(model):
+def _block_layers(model):
     for prefix, block in named_blocks(model):
-        for name, layer in find_linears(block, prefix=prefix).items():
-            yield name, weight_matrix(layer)
+        yield from find_linears(block, prefix=prefix).items()
 
 
-@pytest.mark.parametrize("method,options,model_name", TABLE, ids=[f"{m}-{'-'.join(map(str, o.values()))}-{n}"
-                                                                    for m, o, n in TABLE])
-def test_method_round_trips_through_the_pipeline(method, options, model_name, tiny, tmp_path):
-    out = tmp_path / "out"
-    result = hfcompress.compress({
-        "model": tiny(model_name),
+def _compress(method, options, model_folder, out):
+    return hfcompress.compress({
+        "model": model_folder,
         "steps": [{"method": method, **options}],
         "calibration": {"n_samples": 4, "seq_len": 32},
         "evaluation": {"seq_len": 64, "n_windows": 2, "speed": False},
         "output": {"dir": str(out)},
     }, log=lambda line: None)
-    config = hfcompress.make_config(method, options)
 
-    # measured sparsity: exact per row for row-wise patterns, exact per group for N:M
-    nm = config.nm
-    for name, weight in _block_rows(result.model):
-        zeros = weight == 0
-        if nm:
-            groups = zeros.reshape(weight.shape[0], -1, nm[1]).sum(-1)
-            assert (groups == nm[0]).all(), name
-        elif getattr(config, "scope", "row") == "row":
-            assert (zeros.sum(1) == int(weight.shape[1] * config.ratio)).all(), name
-        else:
-            assert zeros.sum() == int(weight.numel() * config.ratio), name
-    assert result.reports[0].stats["sparsity"] == pytest.approx(config.ratio, abs=0.02)
-    assert result.after["sparsity"] == pytest.approx(config.ratio, abs=0.02)
+
+@pytest.mark.parametrize("method,options,model_name,mode", TABLE,
+                         ids=[f"{m}-{'-'.join(map(str, o.values()))}-{n}" for m, o, n, _ in TABLE])
+def test_method_round_trips_through_the_pipeline(method, options, model_name, mode, tiny, tmp_path):
+    out = tmp_path / "out"
+    result = _compress(method, options, tiny(model_name), out)
+    config = hfcompress.make_config(method, options)
+    spec = hfcompress.available_methods()[method]
+    check_invariants(spec.changes, config, result)
     if "perplexity" in result.before:
         assert result.after["perplexity"] != result.before["perplexity"]
 
@@ -70,8 +77,66 @@ def test_method_round_trips_through_the_pipeline(method, options, model_name, ti
     probe.touch()
     assert {p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()} == {probe.stat().st_mode & 0o777}
     probe.unlink()
+    metadata = json.loads((out / "hfcompress.json").read_text())
+    assert metadata["format_version"] == 2 and metadata["structure"]["modules"]
+    assert set(metadata["structure"]["modules"]) == {name for name, _ in _block_layers(result.model)
+                                                     if name in metadata["structure"]["modules"]}
 
     # fresh processes: plain transformers and hfcompress.load give the in-memory model's outputs exactly
     expected = fingerprint(result.model)
     for loader, reloaded in reloaded_outputs(str(out), tmp_path).items():
+        assert isinstance(reloaded, torch.Tensor), f"{loader}: {reloaded}"
         assert torch.equal(reloaded, expected), loader
+    if mode == "package":  # without the package, both loaders stop and say how to install it
+        failures = reloaded_outputs(str(out), tmp_path, hide=(PACKAGES[method],))
+        for loader, message in failures.items():
+            assert isinstance(message, str) and "pip install" in message and "compressed-tensors" in message, loader
+
+
+def check_invariants(kind, config, result):
+    """What must hold after a step of each kind of change, measured on the model in memory."""
+    if kind == "sparse":
+        nm = config.nm
+        for name, layer in _block_layers(result.model):
+            zeros = weight_matrix(layer) == 0
+            if nm:
+                assert (zeros.reshape(zeros.shape[0], -1, nm[1]).sum(-1) == nm[0]).all(), name
+            elif getattr(config, "scope", "row") == "row":
+                assert (zeros.sum(1) == int(zeros.shape[1] * config.ratio)).all(), name
+            else:
+                assert zeros.sum() == int(zeros.numel() * config.ratio), name
+        assert result.reports[0].stats["sparsity"] == pytest.approx(config.ratio, abs=0.02)
+        assert result.after["sparsity"] == pytest.approx(config.ratio, abs=0.02)
+    elif kind == "quantized":
+        bits = config.bits[0]
+        quantized = result.structure.of_kind("quantized")
+        assert quantized and {e["bits"] for e in quantized.values()} == {bits}
+        for name, layer in _block_layers(result.model):
+            weight, scale = weight_matrix(layer).float(), getattr(layer, SCALE_BUFFER).float()
+            q = (weight.reshape(*scale.shape, -1) / scale.unsqueeze(-1)).round()
+            assert torch.equal((q * scale.unsqueeze(-1)).reshape(weight.shape), weight), name  # every weight is q * s
+            assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1, name
+        assert "sparsity" not in result.after  # nothing was pruned: no sparsity row
+        # true bits per weight: the stored bytes (packed ints, scales, the unquantized rest) over the parameters
+        assert result.after["bits_per_weight"] < result.before["bits_per_weight"]
+    else:
+        raise AssertionError(f"no invariants for changes of kind {kind!r}: add them here")
+
+
+def test_stored_size_matches_the_files_and_the_packed_layout(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = _compress("rtn", {"bits": 4, "group_size": 32}, tiny("llama"), out)
+    from hfcompress.evaluate import stored_bytes
+
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        tensors = {key: weights.get_tensor(key) for key in weights.keys()}
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert stored_bytes(result.model, result.structure, torch.float32) == data
+    packed = tensors["model.layers.0.mlp.down_proj.weight_packed"]                 # (64, 128 * 4 / 32)
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (64, 16)
+    assert tuple(tensors["model.layers.0.mlp.down_proj.weight_scale"].shape) == (64, 4)
+    assert "model.layers.0.mlp.down_proj.weight" not in tensors
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert config["format"] == "pack-quantized" and group["weights"]["num_bits"] == 4
+    assert "model.layers.2.self_attn.q_proj" in group["targets"] and not any("lm_head" in t for t in group["targets"])

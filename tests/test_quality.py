@@ -72,3 +72,42 @@ def test_minilm_encoder_keeps_its_sentence_embeddings():
     print(f"all-MiniLM-L6-v2, 40 % sparsity, cosine to dense: {similarity}")
     assert similarity["wanda"] > 0.9
     assert similarity["wanda"] > similarity["magnitude"]
+
+
+def test_smollm2_rtn_4bit_loads_plainly_with_true_bits_and_small_blocks(smollm2, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    out = tmp_path / "rtn"
+    result = hfcompress.compress({"model": smollm2, "steps": [{"method": "rtn", "bits": 4, "group_size": 64}],
+                                  **FAST, "output": {"dir": str(out)}}, log=lambda line: None)
+    dense, quantized = result.before["perplexity"], result.after["perplexity"]
+    print(f"SmolLM2-135M perplexity: dense {dense:.2f}, rtn 4-bit g64 {quantized:.2f}")
+    assert dense < quantized < 1.5 * dense
+
+    block_bytes = block_fp16 = 0
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as weights:
+            for key in weights.keys():
+                if ".layers." not in key:
+                    continue
+                tensor = weights.get_tensor(key)
+                block_bytes += tensor.numel() * tensor.element_size()
+                if key.endswith("weight_shape"):
+                    block_fp16 += 2 * int(tensor.prod())        # the weight it stands for, in fp16
+                elif not key.endswith("weight_scale") and not key.endswith("weight_packed"):
+                    block_fp16 += 2 * tensor.numel()            # norms: stored as they are
+    assert block_bytes < 0.3 * block_fp16
+
+    on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert result.after["size_bytes"] == on_disk
+    assert result.after["bits_per_weight"] == pytest.approx(8 * on_disk / result.after["parameters"], abs=1e-3)
+    card = (out / "README.md").read_text()
+    assert "pip install compressed-tensors" in card and "base_model_relation: quantized" in card
+    assert f"| bits per weight | 32.00 | {result.after['bits_per_weight']:.2f} |" in card
+    assert json.loads((out / "hfcompress.json").read_text())["loading"]["format"] == "compressed-tensors"
+
+    expected = fingerprint(result.model)
+    for loader, logits in reloaded_outputs(str(out), tmp_path).items():
+        assert isinstance(logits, torch.Tensor) and torch.equal(logits, expected), loader

@@ -13,7 +13,7 @@ from hfcompress.registry import get_method, register
 
 def test_builtin_methods_are_registered_with_metadata():
     methods = hfcompress.available_methods()
-    assert {"magnitude", "wanda"} <= set(methods)
+    assert {"magnitude", "rtn", "wanda"} <= set(methods)
     assert methods["wanda"].needs_calibration and not methods["magnitude"].needs_calibration
     assert methods["wanda"].paper.startswith("https://arxiv.org/")
 
@@ -60,7 +60,7 @@ class ScaleConfig:
 
 
 @register(ScaleConfig, paper="https://example.org/scale", needs_calibration=False)
-def scale(model, config, calibration, device):
+def scale(model, config, context):
     """Multiply every weight by a factor (a test plugin)."""
     for p in model.parameters():
         p.data.mul_(config.factor)

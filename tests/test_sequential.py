@@ -4,12 +4,14 @@ import pytest
 import torch
 
 from hfcompress.calibration import CalibrationData
+from hfcompress.context import Context
 from hfcompress.loading import load_model, resolve
 from hfcompress.methods.wanda import WandaConfig, wanda, wanda_score
 from hfcompress.sequential import (
     capture_inputs,
     find_block_stacks,
     find_linears,
+    hidden_states_of,
     input_hooks,
     named_blocks,
     run_blocks,
@@ -45,18 +47,22 @@ def test_engine_replays_every_block_input_exactly(tiny, name):
 
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def process(prefix, block, run):
-        handle = block.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault(prefix, []).append(
+    given: dict[str, list[torch.Tensor]] = {}
+
+    def process(step):
+        handle = step.block.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault(step.name, []).append(
             (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
-        run()
+        step.run()
         handle.remove()
+        given[step.name] = [hidden_states_of(args, kwargs) for args, kwargs in step.inputs]
 
     run_blocks(model, batches, "cpu", process, sequential=False)
     assert list(seen) == list(reference) and len(seen) == 3
     for prefix in reference:
         assert len(seen[prefix]) == len(batches)
-        for got, want in zip(seen[prefix], reference[prefix], strict=True):
+        for got, inputs, want in zip(seen[prefix], given[prefix], reference[prefix], strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            assert torch.equal(inputs, got)  # the inputs a method is handed are what the block receives
 
 
 def _whole_model_wanda_masks(model, batches, config):
@@ -82,7 +88,7 @@ def test_sequential_engine_gives_the_same_masks_as_the_whole_model_at_once(tiny,
     reference = _whole_model_wanda_masks(_model(tiny(name)), batches, config)
 
     model = _model(tiny(name))
-    wanda(model, config, CalibrationData(torch.cat(batches)), "cpu")
+    wanda(model, config, Context(CalibrationData(torch.cat(batches))))
     for layer_name, keep in reference.items():
         layer = dict(model.named_modules())[layer_name]
         assert torch.equal(weight_matrix(layer) != 0, keep), layer_name
@@ -91,8 +97,8 @@ def test_sequential_engine_gives_the_same_masks_as_the_whole_model_at_once(tiny,
 def test_sequential_mode_differs_only_after_the_first_block(tiny):
     batches = _batches()
     one_shot, sequential = _model(tiny("llama")), _model(tiny("llama"))
-    wanda(one_shot, WandaConfig(sequential=False), CalibrationData(torch.cat(batches)), "cpu")
-    wanda(sequential, WandaConfig(sequential=True), CalibrationData(torch.cat(batches)), "cpu")
+    wanda(one_shot, WandaConfig(sequential=False), Context(CalibrationData(torch.cat(batches))))
+    wanda(sequential, WandaConfig(sequential=True), Context(CalibrationData(torch.cat(batches))))
     masks = [{n: (weight_matrix(layer) != 0) for p, b in named_blocks(m)
               for n, layer in find_linears(b, prefix=p).items()}
              for m in (one_shot, sequential)]

@@ -17,6 +17,7 @@ import transformers
 from transformers import AutoTokenizer
 
 VOCAB = 30522
+ROOT_DIR = Path(__file__).resolve().parent.parent  # the repository, where subprocesses find `tests`
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
 
@@ -76,27 +77,53 @@ def build(name: str, folder: str | Path, seed: int = 0) -> str:
 
 
 RELOAD = """
-import os, sys, torch, transformers
+import importlib.machinery, os, sys
+location, out, hidden = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+
+class Hide(importlib.machinery.PathFinder):  # makes the `hidden` packages look uninstalled
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in hidden:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+
+sys.meta_path = [Hide if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+import torch, transformers
 import hfcompress
-location, out = sys.argv[1:3]
-config = transformers.AutoConfig.from_pretrained(location)
-arch = config.architectures[0]
-causal = arch.endswith(("ForCausalLM", "LMHeadModel"))
-plain = transformers.AutoModelForCausalLM if causal else getattr(transformers, arch)
 sys.path.insert(0, os.getcwd())
 from tests.tiny_models import fingerprint
-torch.save({"transformers": fingerprint(plain.from_pretrained(location, dtype=torch.float32)),
-            "hfcompress": fingerprint(hfcompress.load(location, dtype=torch.float32))}, out)
+
+
+def plain_load():  # what a user without hfcompress writes: the Auto class for LMs, else the saved architecture
+    arch = transformers.AutoConfig.from_pretrained(location).architectures[0]
+    causal = arch.endswith(("ForCausalLM", "LMHeadModel"))
+    plain = transformers.AutoModelForCausalLM if causal else getattr(transformers, arch)
+    return plain.from_pretrained(location, dtype=torch.float32)
+
+
+results = {}
+for name, load in [("transformers", plain_load),
+                   ("hfcompress", lambda: hfcompress.load(location, dtype=torch.float32))]:
+    try:
+        results[name] = fingerprint(load())
+    except Exception as error:  # recorded: a test may expect a load to fail, with a message that says what to do
+        results[name] = f"{type(error).__name__}: {error}"
+torch.save(results, out)
 """
-"""Run as `python -c RELOAD FOLDER OUT.pt` in a fresh process: outputs after plain and hfcompress loading."""
+"""Run as `python -c RELOAD FOLDER OUT.pt [PACKAGE...]` in a fresh process: outputs after plain and hfcompress
+loading (or the error message), with the PACKAGEs hidden as if they were not installed."""
 
 
-def reloaded_outputs(location: str, tmp_path: Path, env: dict | None = None) -> dict[str, torch.Tensor]:
+def reloaded_outputs(location: str, tmp_path: Path, env: dict | None = None,
+                     hide: tuple[str, ...] = ()) -> dict[str, torch.Tensor | str]:
     """`fingerprint` of `location` loaded in a fresh interpreter with plain transformers and with hfcompress.load
-    (`env`, when given, is the subprocess's whole environment)."""
+    (`env`, when given, is the subprocess's whole environment; `hide` lists import names to pretend missing). A load
+    that fails gives its error message instead of a tensor."""
     out = tmp_path / "reloaded.pt"
-    result = subprocess.run([sys.executable, "-c", RELOAD, location, str(out)], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent.parent, env=env, timeout=600)
+    result = subprocess.run([sys.executable, "-c", RELOAD, location, str(out), *hide], capture_output=True,
+                            text=True, cwd=ROOT_DIR, env=env, timeout=600)
     assert result.returncode == 0, f"reloading {location} failed:\n{result.stderr[-3000:]}"
     return torch.load(out)
 

@@ -1,95 +1,66 @@
-"""Saved format: an ordinary Hugging Face model folder plus `hfcompress.json`.
+"""Saved format: an ordinary Hugging Face model folder plus `hfcompress.json`, written by the writer for its changes.
 
-Pruned weights are stored dense with zeros in place, so the folder loads with plain `from_pretrained` and no
-hfcompress installed. Everything is written into a temporary sibling folder that is renamed into place at the end,
-so an interrupted run never leaves a half-written output (and never touches the source model).
+hfcompress.json (format version 2) holds the tool and library versions, the recipe, calibration and evaluation
+details, the measured metrics, what loading needs, and the structure map (`hfcompress.structure`): module name in
+the saved model -> kind of change. The writer is chosen from that map, never from method names:
+
+    dense.py               nothing but zeros in dense weights: a standard checkpoint of the base architecture;
+                           plain `from_pretrained`, no extra package
+    compressed_tensors.py  quantized layers: packed integers + per-group scales + `quantization_config`;
+                           plain `from_pretrained` once `pip install compressed-tensors`
+
+    remote_code.py         low-rank pairs, skipped attention / MLP sub-layers: the base config with a model type of
+                           its own + ONE architecture-agnostic modeling file; `trust_remote_code=True`, or
+                           `hfcompress.load`, which runs no code from the repo
+
+`load` reverses every writer, and outputs of format version 1 (dense, written before the map existed) keep
+loading.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import torch
+from ..errors import ModelLoadError, UnsupportedModelError
+from ..structure import Structure
+from .folders import METADATA_FILE, check_output_folder, ensure_space, staged_folder
 
-from ..errors import DiskFullError, ModelLoadError, OutputExistsError
+__all__ = ["METADATA_FILE", "FORMAT_VERSION", "check_output_folder", "ensure_space", "staged_folder", "load",
+           "read_metadata", "save_model", "structure_of", "write_metadata", "writer_name"]
 
-METADATA_FILE = "hfcompress.json"
-FORMAT_VERSION = 1
-MAX_SHARD_SIZE = "2GB"
-
-
-def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, source: str | None = None) -> None:
-    """Refuse an output folder that would destroy something: a file, the source model, the working or home folder,
-    or a non-empty folder (only an earlier hfcompress output may be replaced, and only with overwrite)."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {str(out_dir)!r} exists and is a file")
-    if source and os.path.exists(os.path.expanduser(source)):
-        src = Path(source).expanduser().resolve()
-        if out == src or out in src.parents or src in out.parents:
-            raise OutputExistsError(f"output folder {str(out_dir)!r} would overlap the source model {source!r}; "
-                                    "the source is never written to: pick another --out")
-    if out in (Path.cwd(), Path.home(), *Path.cwd().parents):
-        raise OutputExistsError(f"output folder {str(out_dir)!r} is the working or home folder (or above them); "
-                                "pick a new folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"output folder {str(out_dir)!r} exists and is not empty; pick another --out "
-                                    "or pass --overwrite")
-        if not (out / METADATA_FILE).is_file():
-            raise OutputExistsError(f"--overwrite only replaces an earlier hfcompress output, and {str(out_dir)!r} "
-                                    f"has no {METADATA_FILE}; pick another --out")
+FORMAT_VERSION = 2
 
 
-@contextmanager
-def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, source: str | None = None) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it is deleted."""
-    check_output_folder(out_dir, overwrite, source)
-    out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the output should get ordinary permissions
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for path in staging.rglob("*"):  # some writers (safetensors) create owner-only files
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        out.rename(retired / "old")
-        staging.rename(out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out)
+def writer_name(structure: Structure) -> str:
+    """The writer that stores this map: `remote-code` for low-rank pairs and skipped sub-layers, `compressed-tensors`
+    when a layer is quantized, else `dense` (removed blocks need none: the model is a smaller stock one)."""
+    structural = structure.kinds & {"lowrank", "dropped"}
+    if structural and "quantized" in structure.kinds:
+        raise UnsupportedModelError(f"no writer stores {sorted(structural)} changes together with quantized layers "
+                                    "yet; nothing was written")
+    if structural:
+        return "remote-code"
+    return "compressed-tensors" if "quantized" in structure.kinds else "dense"
 
 
-def ensure_space(folder: str | os.PathLike, needed_bytes: int) -> None:
-    """Refuse to start writing when the disk cannot hold the output (with 5 % headroom)."""
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes * 1.05:
-        raise DiskFullError(f"not enough disk space in {str(folder)!r}: the output needs about "
-                            f"{needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; free some space or pick "
-                            "another --out")
+def save_model(model: Any, tokenizer: Any, folder: Path, structure: Structure, dtype: Any) -> dict[str, Any]:
+    """Write weights (sharded safetensors, floating tensors in `dtype`), config, generation config and tokenizer
+    with the writer the map calls for; return what loading needs (`format`, `packages`, `trust_remote_code`)."""
+    from ..evaluate import stored_bytes
+    from . import compressed_tensors, dense, remote_code
 
-
-def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
-    """Write weights (sharded safetensors), config, generation config and tokenizer."""
-    from ..evaluate import weights_bytes
-
-    ensure_space(folder, weights_bytes(model))
-    model.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
+    writer = {"dense": dense, "compressed-tensors": compressed_tensors,
+              "remote-code": remote_code}[writer_name(structure)]
+    ensure_space(folder, stored_bytes(model, structure, dtype))
+    needs = writer.save(model, Path(folder), structure, dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    return needs
 
 
 def write_metadata(folder: str | os.PathLike, metadata: dict[str, Any]) -> None:
@@ -116,7 +87,33 @@ def read_metadata(path_or_repo: str, **hub_kwargs: Any) -> dict[str, Any] | None
         return json.load(handle)
 
 
-def load(path_or_repo: str, **kwargs: Any) -> torch.nn.Module:
+def structure_of(metadata: dict[str, Any]) -> Structure:
+    """The structure map of an hfcompress.json of any format version."""
+    if "structure" in metadata:
+        return Structure.from_dict(metadata["structure"])
+    return Structure.from_steps(metadata.get("steps", []))  # format version 1: sparse entries in each step
+
+
+def loading_needs(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What loading needs, as recorded (format version 1 outputs are dense)."""
+    return {"format": "dense", "packages": [], "trust_remote_code": False, **metadata.get("loading", {})}
+
+
+def check_packages(packages: list[str], where: str) -> None:
+    """Fail with the pip command when a package that loading needs is missing or too old."""
+    from packaging.requirements import Requirement
+
+    for requirement in map(Requirement, packages):
+        module = requirement.name.replace("-", "_")
+        installed = None
+        if importlib.util.find_spec(module) is not None:
+            installed = importlib.metadata.version(requirement.name)
+        if installed is None or (requirement.specifier and installed not in requirement.specifier):
+            found = f"found {installed}" if installed else "it is not installed"
+            raise ModelLoadError(f"{where} needs {requirement} ({found}): pip install '{requirement}'")
+
+
+def load(path_or_repo: str, **kwargs: Any) -> Any:
     """Load any hfcompress output (local folder or Hub repo) as a ready-to-use model.
 
     Args:
@@ -129,8 +126,9 @@ def load(path_or_repo: str, **kwargs: Any) -> torch.nn.Module:
     # resolve() turns a missing folder, an unknown or gated repo, or no network into one clear ModelLoadError
     resolved = resolve(path_or_repo, revision=kwargs.get("revision"), token=kwargs.get("token"),
                        trust_remote_code=kwargs.get("trust_remote_code", False))
-    metadata = read_metadata(path_or_repo, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
-    if metadata is not None and metadata.get("format_version", 0) > FORMAT_VERSION:
+    metadata = read_metadata(path_or_repo, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs}) or {}
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
         raise ModelLoadError(f"{path_or_repo} was written by a newer hfcompress (format "
                              f"{metadata['format_version']}); pip install -U hfcompress")
+    check_packages(loading_needs(metadata)["packages"], path_or_repo)
     return model_class(resolved).from_pretrained(path_or_repo, **kwargs).eval()

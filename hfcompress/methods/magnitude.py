@@ -12,11 +12,20 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..context import Context
 from ..errors import InvalidOptionError
 from ..options import option
 from ..registry import Report, register
 from ..sequential import weight_matrix
-from ..sparsity import PruningConfig, apply_mask, keep_mask, layer_keep_mask, pruning_targets, report_stats
+from ..sparsity import (
+    PruningConfig,
+    apply_mask,
+    keep_mask,
+    layer_keep_mask,
+    pruning_check,
+    pruning_report,
+    pruning_targets,
+)
 
 SCOPES = ("row", "layer")
 
@@ -25,29 +34,28 @@ SCOPES = ("row", "layer")
 class MagnitudeConfig(PruningConfig):
     method: ClassVar[str] = "magnitude"
     scope: str = option("row", "`row`: drop the smallest weights of each output row; `layer`: of the whole matrix "
-                               "(unstructured only)")
+                               "(unstructured only)", choices=SCOPES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.scope not in SCOPES:
-            raise InvalidOptionError(f"scope {self.scope!r} is not valid; valid: {', '.join(SCOPES)}")
         if self.scope == "layer" and self.nm:
             raise InvalidOptionError("scope `layer` applies to unstructured pruning only; N:M patterns work per row")
 
 
 @register(MagnitudeConfig, paper="https://arxiv.org/abs/1506.02626", needs_calibration=False,
-          supports=("causal-lm", "encoder", "vision", "vision-language"), check=pruning_targets)
+          supports=("causal-lm", "encoder", "vision", "vision-language"), check=pruning_check,
+          changes="sparse")
 @torch.no_grad()
-def magnitude(model: nn.Module, config: MagnitudeConfig, calibration, device: torch.device | str) -> Report:
+def magnitude(model: nn.Module, config: MagnitudeConfig, context: Context) -> Report:
     """Magnitude pruning: zero the smallest-magnitude weights, per output row or per layer."""
     modules, numel = {}, {}
     for layers in pruning_targets(model, config).values():
         for name, layer in layers.items():
-            score = weight_matrix(layer).detach().to(device, torch.float32).abs()  # (out, in)
+            score = weight_matrix(layer).detach().to(context.device, torch.float32).abs()  # (out, in)
             if config.scope == "layer":
                 keep = layer_keep_mask(score, config.ratio)
             else:
                 keep = keep_mask(score, config.ratio, config.nm)
             modules[name] = apply_mask(layer, keep)
             numel[name] = score.numel()
-    return Report("magnitude", report_stats(modules, numel), modules)
+    return pruning_report("magnitude", modules, numel)

@@ -14,11 +14,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calibration import CalibrationData
+from ..context import Context
 from ..options import option
 from ..registry import Report, register
-from ..sequential import input_hooks, run_blocks, weight_matrix
-from ..sparsity import PruningConfig, apply_mask, keep_mask, pruning_targets, report_stats
+from ..sparsity import PruningConfig, keep_mask, prune_blocks, pruning_check
+from ..statistics import InputStatistics
 
 
 @dataclass(frozen=True)
@@ -33,31 +33,14 @@ def wanda_score(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tenso
     return weight.float().abs() * input_sq_sum.sqrt().unsqueeze(0)
 
 
+def wanda_mask(weight: torch.Tensor, stats: InputStatistics, name: str, ratio: float,
+               nm: tuple[int, int] | None) -> torch.Tensor:
+    """The keep mask (out, in) of one layer: the lowest Wanda scores of each row (or N of every M) are dropped."""
+    return keep_mask(wanda_score(weight, stats.sq_sum(name)), ratio, nm)
+
+
 @register(WandaConfig, paper="https://arxiv.org/abs/2306.11695", needs_calibration=True,
-          supports=("causal-lm", "encoder"), check=pruning_targets)
-def wanda(model: nn.Module, config: WandaConfig, calibration: CalibrationData, device: torch.device | str) -> Report:
+          supports=("causal-lm", "encoder"), check=pruning_check, changes="sparse")
+def wanda(model: nn.Module, config: WandaConfig, context: Context) -> Report:
     """Wanda: prune by weight magnitude times input activation norm, per output row; no weight update."""
-    modules, numel = {}, {}
-    targets = pruning_targets(model, config)
-
-    def process(prefix: str, block: nn.Module, run) -> None:
-        layers = targets[prefix]
-        if not layers:  # nothing targeted in this block: the engine still runs it to feed the next one
-            return
-        # per input channel j: sum over calibration tokens of x_j^2, in fp32 whatever the model dtype
-        sq_sums = {name: torch.zeros(weight_matrix(layer).shape[1], device=layer.weight.device)
-                   for name, layer in layers.items()}
-
-        def observe(name: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).float()   # (tokens, in)
-            sq_sums[name] += x.pow(2).sum(dim=0)
-
-        with input_hooks(layers, observe):
-            run()
-        for name, layer in layers.items():
-            score = wanda_score(weight_matrix(layer), sq_sums[name])  # (out, in)
-            modules[name] = apply_mask(layer, keep_mask(score, config.ratio, config.nm))
-            numel[name] = score.numel()
-
-    run_blocks(model, calibration.batches(), device, process, sequential=config.sequential, desc="wanda")
-    return Report("wanda", report_stats(modules, numel), modules)
+    return prune_blocks(model, config, context, wanda_mask, sequential=config.sequential)

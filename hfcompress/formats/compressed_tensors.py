@@ -1,0 +1,86 @@
+"""compressed-tensors writer: quantized Linear layers as packed integers with per-group scales.
+
+For each quantized layer `name` the file holds, instead of `name.weight`:
+    name.weight_packed  int32 (out, ceil(in * bits / 32))  the b-bit integers q + 2^(b-1), packed densely: element j
+                        of a row occupies bits [j*b, j*b + b) of the row's bit string, 32 bits per int32 word
+    name.weight_scale   (out, in / group_size) in the storage dtype
+    name.weight_shape   int64 (2,) = (out, in)
+and config.json gains a `quantization_config` (quant_method `compressed-tensors`, format `pack-quantized`) with one
+config group per (bits, group size) whose `targets` are the layers' exact names. Plain `from_pretrained` loads it
+once `pip install compressed-tensors` is done (dequantizing w = q * s, which is the model as it was in memory), and
+vLLM serves the 4- and 8-bit forms. For bit-widths that do not divide 32 (3, 5, 6, 7) this dense packing is the one
+compressed-tensors 0.20 reads; older releases packed those differently and refuse the shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quantization import layer_integers
+from .dense import storage_state_dict, write
+
+PACKAGE = "compressed-tensors"
+
+
+def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed b-bit integers q (out, in) int8 into int32 words (out, ceil(in * b / 32)), offset by 2^(b-1)."""
+    rows, cols = q.shape
+    values = q.to(torch.int64) + 2 ** (bits - 1)                          # (out, in) in [0, 2^b)
+    words = -(-cols * bits // 32)
+    start = torch.arange(cols, device=q.device) * bits                   # first bit of each element
+    word, offset = start // 32, start % 32
+    packed = torch.zeros(rows, words + 1, dtype=torch.int64, device=q.device)
+    packed.scatter_add_(1, word.expand(rows, -1), (values << offset) & 0xFFFFFFFF)
+    spill = offset + bits - 32                                            # bits that overflow into the next word
+    crosses = spill > 0
+    if crosses.any():
+        packed.scatter_add_(1, (word[crosses] + 1).expand(rows, -1), values[:, crosses] >> (bits - spill[crosses]))
+    packed = packed[:, :words]
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)  # the same 32 bits, signed
+
+
+def package_requirement(bit_widths: set[int]) -> str:
+    """The pip requirement that reads these bit-widths correctly."""
+    return PACKAGE if bit_widths <= {1, 2, 4, 8} else f"{PACKAGE}>=0.20"
+
+
+def quantization_config(quantized: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """config.json's `quantization_config`: one group per (bits, group size), targets by exact module name."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, entry in quantized.items():
+        groups.setdefault((entry["bits"], entry["group_size"]), []).append(name)
+    config_groups = {}
+    for index, ((bits, group_size), names) in enumerate(sorted(groups.items(), reverse=True)):
+        config_groups[f"group_{index}"] = {
+            "targets": sorted(names), "format": "pack-quantized", "input_activations": None,
+            "output_activations": None,
+            "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group",
+                        "group_size": group_size, "dynamic": False, "observer": None, "actorder": None}}
+    try:
+        version = importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.20.1"  # the release whose layout this writer follows
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None, "sparsity_config": {},
+            "version": version}
+
+
+def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | None) -> dict[str, Any]:
+    """Write the model with its quantized layers packed; return what loading it needs."""
+    quantized = structure.of_kind("quantized")
+    state = storage_state_dict(model, dtype)
+    modules = dict(model.named_modules())
+    for name, entry in quantized.items():
+        q, scale = layer_integers(modules[name], entry["bits"])
+        del state[f"{name}.weight"]
+        state[f"{name}.weight_packed"] = pack_int32(q.cpu(), entry["bits"])
+        state[f"{name}.weight_scale"] = scale.to("cpu", dtype or scale.dtype).contiguous()
+        state[f"{name}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
+    write(model, folder, state, dtype, {"quantization_config": quantization_config(quantized)})
+    bit_widths = {entry["bits"] for entry in quantized.values()}
+    return {"format": "compressed-tensors", "packages": [package_requirement(bit_widths)], "trust_remote_code": False}

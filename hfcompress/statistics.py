@@ -1,0 +1,158 @@
+"""Shared fp32 statistics of calibration activations, gathered through forward hooks (never output_hidden_states).
+
+- `InputStatistics`: per Linear layer, over every calibration token of its input x (tokens, in): the count, sum,
+  sum of squares and Hessian X^T X. Layers that read the very same tensor (q/k/v of one attention) share one
+  accumulator, so it is computed and held once.
+- `SubLayerProbes`: for each block, the hidden states entering it, after its attention residual, and leaving it.
+- `mean_cosine`: per-token cosine similarity averaged over all calibration tokens, the one utility behind LIM
+  importance, layer dropping and block influence.
+
+Everything accumulates in fp32 whatever dtype the model computes in.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+STATISTICS = ("sum", "sq_sum", "hessian")
+
+
+class InputStatistics:
+    """Context manager collecting input statistics of `layers` ({name: Linear}) while the block runs.
+
+    Args:
+        layers: the layers to observe, by name.
+        want: which of `sum`, `sq_sum`, `hessian` to accumulate (the token count is always kept).
+
+    After the `with` block: `tokens(name)`, `sum(name)` (in,), `sq_sum(name)` (in,), `mean(name)`,
+    `variance(name)`, `hessian(name)` (in, in).
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], want: Iterable[str] = ("sq_sum",)) -> None:
+        self.want = tuple(want)
+        unknown = set(self.want) - set(STATISTICS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; valid: {STATISTICS}")
+        self.layers = layers
+        self.owner: dict[str, str] = {}              # layer -> the layer whose accumulator it shares
+        self.values: dict[str, dict[str, torch.Tensor]] = {}
+        self.count: dict[str, int] = {}
+        self._first_inputs: dict[str, torch.Tensor] = {}  # held during the first batch only, to find shared inputs
+        self._handles: list = []
+
+    def __enter__(self) -> "InputStatistics":
+        self._handles = [layer.register_forward_hook(lambda m, args, out, n=name: self._observe(n, args[0]))
+                         for name, layer in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._first_inputs.clear()
+
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.owner:
+            shared = next((other for other, seen in self._first_inputs.items() if seen is x), None)
+            self.owner[name] = self.owner.get(shared, shared) if shared else name
+            self._first_inputs[name] = x
+        elif self._first_inputs:  # a layer seen again: the second batch has started, the grouping is known
+            self._first_inputs.clear()
+        owner = self.owner[name]
+        if owner != name:
+            return
+        x = x.reshape(-1, x.shape[-1]).float()       # (tokens, in)
+        acc = self.values.setdefault(name, {})
+        self.count[name] = self.count.get(name, 0) + x.shape[0]
+        if "sum" in self.want:
+            acc["sum"] = acc.get("sum", 0) + x.sum(dim=0)
+        if "sq_sum" in self.want:
+            acc["sq_sum"] = acc.get("sq_sum", 0) + x.pow(2).sum(dim=0)
+        if "hessian" in self.want:
+            acc["hessian"] = acc.get("hessian", 0) + x.t() @ x
+
+    def _get(self, name: str, what: str) -> torch.Tensor:
+        if what not in self.want:
+            raise ValueError(f"`{what}` was not collected; pass want=(..., {what!r})")
+        return self.values[self.owner[name]][what]
+
+    def tokens(self, name: str) -> int:
+        return self.count[self.owner[name]]
+
+    def sum(self, name: str) -> torch.Tensor:
+        return self._get(name, "sum")
+
+    def sq_sum(self, name: str) -> torch.Tensor:
+        return self._get(name, "sq_sum")
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self._get(name, "hessian")
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self.sum(name) / self.tokens(name)
+
+    def variance(self, name: str) -> torch.Tensor:
+        """Population variance per input channel, clamped at 0 against rounding."""
+        mean = self.mean(name)
+        return (self.sq_sum(name) / self.tokens(name) - mean.pow(2)).clamp_min(0)
+
+
+class CosineMeter:
+    """Accumulates per-token cosine similarity between pairs of hidden states (batch, seq, hidden), in fp32."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.tokens = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        cos = nn.functional.cosine_similarity(a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1]),
+                                              dim=-1)  # (tokens,)
+        self.total += cos.sum().item()
+        self.tokens += cos.numel()
+
+    @property
+    def value(self) -> float:
+        return self.total / max(1, self.tokens)
+
+
+def mean_cosine(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Per-token cosine similarity of each (a, b) pair, averaged over all tokens of all pairs."""
+    meter = CosineMeter()
+    for a, b in pairs:
+        meter.add(a, b)
+    return meter.value
+
+
+class SubLayerProbes:
+    """While active, records for one pre-norm block the hidden states it receives (`block_input`), those after the
+    attention residual (`after_attention` = block input + attention output) and its output (`block_output`), one
+    (batch, seq, hidden) tensor per calibration batch, through hooks on the block and its attention module."""
+
+    def __init__(self, block: nn.Module, attention: nn.Module) -> None:
+        self.block, self.attention = block, attention
+        self.block_input: list[torch.Tensor] = []
+        self.after_attention: list[torch.Tensor] = []
+        self.block_output: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "SubLayerProbes":
+        def block_pre(module, args, kwargs):
+            self.block_input.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        def attention_out(module, args, output):
+            attended = output[0] if isinstance(output, (tuple, list)) else output
+            self.after_attention.append(self.block_input[-1] + attended.detach())
+
+        def block_out(module, args, output):
+            self.block_output.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+
+        self._handles = [self.block.register_forward_pre_hook(block_pre, with_kwargs=True),
+                         self.attention.register_forward_hook(attention_out),
+                         self.block.register_forward_hook(block_out)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
