@@ -25,6 +25,7 @@ from safetensors.torch import load_model
 
 import hfcompress
 from hfcompress.calibration import load_calibration
+from hfcompress.context import Context
 from hfcompress.evaluate import perplexity
 from hfcompress.loading import load_model as hf_load_model
 from hfcompress.loading import load_tokenizer, resolve
@@ -97,7 +98,7 @@ def main() -> None:
             config = hfcompress.make_config(method, {"sparsity": sparsity})
             spec = hfcompress.available_methods()[method]
             start = time.perf_counter()
-            spec.transform(model, config, calibration, device)
+            spec.transform(model, config, Context(calibration=calibration, device=device))
             seconds = time.perf_counter() - start
             rows.append({"tool": "hfcompress", "method": method, "sparsity": sparsity,
                          "perplexity": perplexity(model, windows, device), "seconds": seconds})

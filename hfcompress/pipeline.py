@@ -20,7 +20,7 @@ from .card import render_card
 from .context import Context, Progress
 from .errors import InvalidOptionError, UnsupportedModelError, choices
 from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
-from .formats import save_model, staged_folder, write_metadata
+from .formats import read_metadata, save_model, staged_folder, structure_of, write_metadata, writer_name
 from .hub import check_push_target, check_token, push
 from .loading import ResolvedModel, load_model, load_tokenizer, model_skeleton, pick_device, resolve
 from .metadata import build_metadata, evaluates_on_calibration_text
@@ -68,6 +68,9 @@ def plan(resolved: ResolvedModel, recipe: Recipe) -> Structure:
     earlier one on the same module is refused with the reason."""
     config = resolved.config
     configs = [config, getattr(config, "text_config", None)]
+    if getattr(config, "model_type", None) == "hfcompress":
+        raise UnsupportedModelError(f"{resolved.source!r} is an hfcompress output with low-rank or dropped "
+                                    "sub-layers; compress its original model instead, with all steps in one recipe")
     if resolved.kind != "gguf" and getattr(config, "quantization_config", None):
         raise UnsupportedModelError(f"{resolved.source!r} is already quantized "
                                     f"({dict(config.quantization_config).get('quant_method', 'unknown method')}); "
@@ -83,14 +86,28 @@ def plan(resolved: ResolvedModel, recipe: Recipe) -> Structure:
             architecture = (getattr(resolved.config, "architectures", None) or [resolved.config.model_type])[0]
             raise UnsupportedModelError(f"method `{spec.name}` does not support {architecture} ({resolved.family}); "
                                         f"it supports: {choices(spec.supports)}")
-    planned = Structure()
+    planned = source_structure(resolved)
     if any(spec.check for spec in specs):
         skeleton = model_skeleton(resolved)
         for spec, step in zip(specs, recipe.steps, strict=True):
             names = spec.check(skeleton, step) if spec.check else None
             if names is not None and spec.changes:
                 planned.add({name: {spec.changes: {}} for name in names}, method=spec.name)
+    if recipe.output.dir:
+        writer_name(planned)  # a map no writer can store is refused now, not after the run
     return planned
+
+
+def source_structure(resolved: ResolvedModel) -> Structure:
+    """The structure map the source already has (an earlier hfcompress output compressed again), else empty."""
+    if resolved.kind == "gguf":
+        return Structure()
+    try:
+        earlier = read_metadata(resolved.location, **({"token": resolved.token} if resolved.token else {}),
+                                **({"revision": resolved.revision} if resolved.revision else {}))
+    except Exception:  # no hfcompress.json to be had: an ordinary model
+        return Structure()
+    return structure_of(earlier) if earlier else Structure()
 
 
 def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.device) -> Recipe:
@@ -128,8 +145,6 @@ def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch
 
 def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None = None) -> dict[str, Any]:
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
-    from .formats import read_metadata, structure_of
-
     device = pick_device(model_spec.device)
     resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
                        token=token)
@@ -137,10 +152,8 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None 
     tokenizer = load_tokenizer(resolved)
     windows = evaluation_windows(tokenizer, ev, resolved.family)
     model = load_model(resolved, model_spec.dtype, device)
-    earlier = read_metadata(resolved.location) if resolved.kind == "local" else None
-    structure = structure_of(earlier) if earlier else Structure()
-    metrics = measure(model, resolved.family, device, windows, structure=structure, speed=ev.speed,
-                      sparsity="sparse" in structure.kinds, storage_dtype=resolved.dtype or model.dtype)
+    metrics = measure(model, resolved.family, device, windows, structure=source_structure(resolved),
+                      speed=ev.speed, sparsity=True, storage_dtype=resolved.dtype or model.dtype)
     if resolved.kind == "local":  # what is really on disk
         metrics.update(size_metrics(folder_weights_bytes(resolved.location), metrics["parameters"]))
     return metrics
@@ -187,13 +200,13 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     model = load_model(resolved, recipe.model.dtype, device)
     # Saved in the checkpoint's own dtype (a bf16 model computed in fp32 on a CPU is stored in bf16 again).
     storage_dtype = resolved.dtype or model.dtype
-    pruned = "sparse" in planned.kinds
+    pruned = "sparse" in planned.kinds or any(get_method(type(s).method).changes == "sparse" for s in recipe.steps)
     run.check_cancelled()
     run.report(0.02, "measuring the model before compression")
     before = (measure(model, resolved.family, device, windows, sparsity=pruned, speed=ev.speed, desc="before",
                       storage_dtype=storage_dtype) if ev.enabled else {})
 
-    reports, steps_meta, structure = [], [], Structure()
+    reports, steps_meta, structure = [], [], source_structure(resolved)
     for index, step in enumerate(recipe.steps):
         spec = get_method(type(step).method)
         log(f"step {index + 1}/{len(recipe.steps)}: {spec.name}")
@@ -209,6 +222,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
                            "config": config_to_dict(step), "stats": report.stats})
     run.check_cancelled()
     run.report(0.9, "measuring the compressed model")
+    pruned = pruned or "sparse" in structure.kinds
     after = (measure(model, resolved.family, device, windows, structure=structure, sparsity=pruned, speed=ev.speed,
                      desc="after", storage_dtype=storage_dtype) if ev.enabled else {})
 

@@ -2,8 +2,9 @@
 the symmetric per-group integer grid, as pure functions.
 
 Grid: for b bits and a group of `group_size` consecutive input columns of one output row, the scale is
-s = max|w| / (2^(b-1) - 1/2) and q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1), so the 2^b levels span
-[-max|w|, max|w|] (the largest positive weight rounds to the top level, at most half a step away). This is the
+s = max|w| / (2^(b-1) - 1/2) and q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1): the 2^b levels run from
+-2^(b-1) s to (2^(b-1) - 1) s, and the largest weight in magnitude, +-(2^(b-1) - 1/2) s, lands at most half a step
+from a level (the top one when positive). This is the
 grid that compressed-tensors' symmetric integer format stores and dequantizes as w = q * s, so weights written in
 that format load exactly as they were in memory. Scales are rounded to the dtype the weights are saved in before
 q is computed, for the same reason.
@@ -66,9 +67,10 @@ def resolve_group_size(widths: set[int], requested: str) -> int:
     return size
 
 
-def _common_divisors(widths: set[int]) -> list[int]:
+def _common_divisors(widths: set[int]) -> list[int] | str:
     gcd = math.gcd(*widths)
-    return [d for d in range(8, gcd + 1) if gcd % d == 0][:12]
+    found = [d for d in range(8, gcd + 1) if gcd % d == 0][:12]
+    return found or f"none >= 8 (the widths' greatest common divisor is {gcd}); leave those layers out with --targets"
 
 
 def quantization_targets(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -111,6 +112,11 @@ def register(
         raise TypeError(f"unknown kind of change {changes!r} for {name}; valid: {choices(KINDS)}")
 
     def decorator(transform: Callable[..., Report]) -> Callable[..., Report]:
+        parameters = [p for p in inspect.signature(transform).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(parameters) != 3:
+            raise TypeError(f"the transform of {name} takes {[p.name for p in parameters]}; it must take "
+                            "(model, config, context), see hfcompress.context.Context")
         existing = _METHODS.get(name)
         if existing is not None and existing.transform is not transform:
             raise TypeError(f"a method named {name!r} is already registered (by {existing.transform.__module__}); "

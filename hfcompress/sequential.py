@@ -77,6 +77,12 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
 
 
+def device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    """Where the module's parameters are (a block whose sub-layers were all dropped may have none)."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else (default or torch.device("cpu"))
+
+
 def move(value: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested tuples/lists/dicts to `device`. Detached first: a captured input must never be
     a model Parameter itself (DeBERTa passes `rel_embeddings.weight` to every block), or moving the model's parameters
@@ -105,7 +111,7 @@ class _StopForward(Exception):
 @contextmanager
 def onloaded_blocks(blocks: list[nn.Module], device: torch.device) -> Iterator[None]:
     """While active, each block moves to `device` just before it runs and back to where it was right after."""
-    homes = {id(b): next(b.parameters()).device for b in blocks}
+    homes = {id(b): device_of(b) for b in blocks}
     handles = []
     for block in blocks:
         handles.append(block.register_forward_pre_hook(lambda m, a: m.to(device)))
@@ -225,8 +231,8 @@ def run_blocks(
     """
     device = torch.device(device)
     stacks = block_stacks(model)
-    home = next(model.parameters()).device
-    homes = {id(b): next(b.parameters()).device for _, stack in stacks for b in stack}
+    home = device_of(model)
+    homes = {id(b): device_of(b, home) for _, stack in stacks for b in stack}
     total, done = sum(len(stack) for _, stack in stacks), 0
     for stack_name, stack in stacks:
         move_outer(model, device)  # embeddings etc. are needed only to compute the first block's inputs
@@ -260,15 +266,3 @@ def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block, s
     process_block(BlockStep(name, block, inputs, run))
     outputs = run() if sequential or not dense_outputs else dense_outputs
     return [_with_hidden_states(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
-
-
-@contextmanager
-def input_hooks(layers: dict[str, nn.Module], observe: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """While active, `observe(name, x)` sees every input `x` (..., in_features) that reaches each layer."""
-    handles = [layer.register_forward_hook(lambda m, args, out, n=name: observe(n, args[0]))
-               for name, layer in layers.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -26,6 +26,7 @@ from typing import Any
 from .errors import InvalidOptionError
 
 KINDS = ("sparse", "quantized", "lowrank", "dropped")
+STRUCTURAL = frozenset({"lowrank", "dropped"})  # changes that replace the module itself
 
 # (earlier kind, later kind) -> why the later change cannot be applied to the same module
 CANNOT_FOLLOW = {
@@ -97,6 +98,10 @@ class Structure:
                     if why:
                         raise InvalidOptionError(f"`{method}` cannot change {name} ({kind}) after an earlier step "
                                                  f"made it {done}: {why}")
+            if set(entry) & STRUCTURAL:  # a new module takes the place of the old one and of everything inside it
+                earlier.clear()
+                for inner in [n for n in self.modules if n.startswith(name + ".")]:
+                    del self.modules[inner]
             earlier.update(copy.deepcopy(entry))
         self.config.update(config or {})
 

@@ -6,10 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import hfcompress
 from hfcompress.card import render_card
+from hfcompress.errors import UnsupportedModelError
 from hfcompress.formats import save_model, write_metadata
 from hfcompress.loading import load_model, load_tokenizer, resolve
 from hfcompress.modules import LowRankLinear, replace_module, skip_sublayer
@@ -78,6 +80,10 @@ def test_remote_code_form_round_trips_and_refuses_plain_loading(tiny, tmp_path):
     run = subprocess.run([sys.executable, "-c", CACHED_GENERATION, str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["HfCompressModel", "LlamaForCausalLM", "3"]
+
+    # compressing it again is refused before any weight loads (its base model is what to compress)
+    with pytest.raises(UnsupportedModelError, match="compress its original model"):
+        hfcompress.compress({"model": str(out), "steps": [{"method": "rtn"}]}, log=lambda line: None)
 
     # a re-saved remote-code model stays a remote-code model
     again = hfcompress.load(str(out), dtype=torch.float32)

@@ -49,6 +49,15 @@ def test_removing_a_block_gives_a_plain_smaller_model(tiny, tmp_path, name):
     assert torch.equal(torch.load(tmp_path / "logits.pt"), fingerprint(model))
 
 
+def test_removing_a_vision_block_rewrites_the_vision_config_only(tiny):
+    model = load_model(resolve(tiny("llava")), "float32")
+    stack = next(name for name, _ in find_block_stacks(model) if "vision" in name)
+    text_layers = model.config.text_config.num_hidden_layers
+    _, changes = remove_blocks(model, stack, [0])
+    assert model.config.vision_config.num_hidden_layers == 1 == changes["num_hidden_layers"]
+    assert model.config.text_config.num_hidden_layers == text_layers
+
+
 def test_skipped_sublayers_equal_zeroed_outputs_and_keep_the_cache_right(tiny):
     skipped = load_model(resolve(tiny("llama")), "float32")
     reference = load_model(resolve(tiny("llama")), "float32")

@@ -43,7 +43,14 @@ def test_registration_refuses_mistakes():
         method: ClassVar[str] = "wanda"
 
     with pytest.raises(TypeError, match="already registered"):
-        register(Clash, paper="", needs_calibration=False)(lambda *a: None)
+        register(Clash, paper="", needs_calibration=False)(lambda model, config, context: None)
+
+    @dataclass(frozen=True)
+    class OldStyle:
+        method: ClassVar[str] = "old_style"
+
+    with pytest.raises(TypeError, match=r"must take \(model, config, context\)"):
+        register(OldStyle, paper="", needs_calibration=False)(lambda model, config, calibration, device: None)
 
 
 PLUGIN = '''

@@ -12,12 +12,12 @@ from hfcompress.sequential import (
     find_block_stacks,
     find_linears,
     hidden_states_of,
-    input_hooks,
     named_blocks,
     run_blocks,
     weight_matrix,
 )
 from hfcompress.sparsity import keep_mask
+from hfcompress.statistics import InputStatistics
 from tests.tiny_models import CAUSAL
 
 
@@ -69,15 +69,10 @@ def _whole_model_wanda_masks(model, batches, config):
     """Reference: one forward of the whole dense model with hooks on every Linear, then Wanda masks."""
     layers = {name: layer for prefix, block in named_blocks(model) for name, layer in
               find_linears(block, prefix=prefix).items()}
-    sums = {name: torch.zeros(weight_matrix(layer).shape[1]) for name, layer in layers.items()}
-
-    def observe(name, x):
-        sums[name] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
-
-    with input_hooks(layers, observe), torch.no_grad():
+    with InputStatistics(layers) as stats, torch.no_grad():
         for ids in batches:
             model(input_ids=ids, use_cache=False)
-    return {name: keep_mask(wanda_score(weight_matrix(layer), sums[name]), config.ratio, config.nm)
+    return {name: keep_mask(wanda_score(weight_matrix(layer), stats.sq_sum(name)), config.ratio, config.nm)
             for name, layer in layers.items()}
 
 

@@ -43,3 +43,10 @@ def test_a_change_that_cannot_follow_is_refused_with_the_reason(first, then, why
 def test_format_version_1_steps_become_sparse_entries():
     steps = [{"method": "wanda", "modules": {"model.layers.0.mlp.up_proj": {"sparsity": 0.5}}}]
     assert Structure.from_steps(steps).modules == {"model.layers.0.mlp.up_proj": sparse(0.5)}
+
+
+def test_a_replaced_module_takes_its_earlier_entries_and_those_inside_it_along():
+    structure = Structure()
+    structure.add({"m.layers.0.self_attn.q_proj": sparse(0.5), "m.layers.0.mlp.up_proj": sparse(0.5)}, method="a")
+    structure.add({"m.layers.0.self_attn": dropped("attention"), "m.layers.0.mlp.up_proj": lowrank(8)}, method="b")
+    assert structure.modules == {"m.layers.0.self_attn": dropped("attention"), "m.layers.0.mlp.up_proj": lowrank(8)}

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError, UnsupportedModelError
-from ..structure import Structure
+from ..structure import STRUCTURAL, Structure
 from .folders import METADATA_FILE, check_output_folder, ensure_space, staged_folder
 
 __all__ = ["METADATA_FILE", "FORMAT_VERSION", "check_output_folder", "ensure_space", "staged_folder", "load",
@@ -39,7 +39,7 @@ FORMAT_VERSION = 2
 def writer_name(structure: Structure) -> str:
     """The writer that stores this map: `remote-code` for low-rank pairs and skipped sub-layers, `compressed-tensors`
     when a layer is quantized, else `dense` (removed blocks need none: the model is a smaller stock one)."""
-    structural = structure.kinds & {"lowrank", "dropped"}
+    structural = structure.kinds & STRUCTURAL
     if structural and "quantized" in structure.kinds:
         raise UnsupportedModelError(f"no writer stores {sorted(structural)} changes together with quantized layers "
                                     "yet; nothing was written")
@@ -107,8 +107,11 @@ def check_packages(packages: list[str], where: str) -> None:
         module = requirement.name.replace("-", "_")
         installed = None
         if importlib.util.find_spec(module) is not None:
-            installed = importlib.metadata.version(requirement.name)
-        if installed is None or (requirement.specifier and installed not in requirement.specifier):
+            try:
+                installed = importlib.metadata.version(requirement.name)
+            except importlib.metadata.PackageNotFoundError:  # importable without metadata: take it as it is
+                continue
+        if installed is None or not requirement.specifier.contains(installed, prereleases=True):
             found = f"found {installed}" if installed else "it is not installed"
             raise ModelLoadError(f"{where} needs {requirement} ({found}): pip install '{requirement}'")
 

@@ -21,14 +21,8 @@ import torch
 from torch import nn
 
 from .. import modules
+from ..structure import STRUCTURAL
 from .dense import storage_state_dict, write
-
-STRUCTURAL = {"lowrank", "dropped"}
-
-
-def needs_remote_code(structure: Any) -> bool:
-    """True when some module of the map is a low-rank pair or a skipped sub-layer."""
-    return bool(structure.kinds & STRUCTURAL)
 
 
 def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | None) -> dict[str, Any]:
