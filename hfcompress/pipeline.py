@@ -90,9 +90,11 @@ def plan(resolved: ResolvedModel, recipe: Recipe) -> Structure:
     if any(spec.check for spec in specs):
         skeleton = model_skeleton(resolved)
         for spec, step in zip(specs, recipe.steps, strict=True):
-            names = spec.check(skeleton, step) if spec.check else None
-            if names is not None and spec.changes:
-                planned.add({name: {spec.changes: {}} for name in names}, method=spec.name)
+            planned_change = spec.check(skeleton, step) if spec.check else None
+            if isinstance(planned_change, Report):  # a structural step: it edited the skeleton and says how
+                planned.add(planned_change.modules, planned_change.renamed, planned_change.config, method=spec.name)
+            elif planned_change is not None and spec.changes:
+                planned.add({name: {spec.changes: {}} for name in planned_change}, method=spec.name)
     if recipe.output.dir:
         writer_name(planned)  # a map no writer can store is refused now, not after the run
     return planned

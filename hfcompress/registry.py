@@ -92,7 +92,9 @@ def register(
         check: `check(model, config)` raises an `HfCompressError` when the config does not fit the model (e.g.
             targets that match no layer) and returns the names of the modules the step will change. It runs on a
             weightless (meta-device) copy of the model as the earlier steps left it, before any weight is loaded,
-            so it must only read names and shapes (a step that edits the structure applies its edit there too).
+            so it must only read names and shapes. A step that edits the structure (removes blocks, replaces
+            modules) applies its edit to that copy and returns a `Report` with the planned `modules`, `renamed`
+            and `config` instead, so that the later steps are checked against the edited model.
         changes: the kind of change the step makes to those modules (`sparse`, `quantized`, `lowrank`,
             `dropped`), so that a step that cannot follow an earlier one is refused before loading.
     """

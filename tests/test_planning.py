@@ -101,3 +101,33 @@ def test_importing_the_recipe_pulls_in_no_heavy_library():
             "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
             "print(heavy)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_later_steps_are_checked_against_the_skeleton_as_earlier_steps_left_it(tiny, no_weights,  # noqa: F811
+                                                                                monkeypatch):
+    """A structural step edits the weightless model during planning; a later step's check sees the edit."""
+    from hfcompress import pipeline
+    from hfcompress.modules import remove_blocks
+    from hfcompress.registry import MethodSpec, Report, get_method
+
+    @dataclasses.dataclass(frozen=True)
+    class DropConfig:
+        method: ClassVar[str] = "drop_test"
+
+    def check(skeleton, config):
+        renamed, changes = remove_blocks(skeleton, "model.layers", [1])
+        return Report("drop_test", renamed=renamed, config=changes)
+
+    drop = MethodSpec("drop_test", DropConfig, lambda model, config, context: None, "", False, ("causal-lm",), "",
+                      check, "dropped")
+    monkeypatch.setattr(pipeline, "get_method", lambda name: drop if name == "drop_test" else get_method(name))
+    recipe = hfcompress.Recipe(model=tiny("llama"), steps=[hfcompress.make_config("wanda", {})])
+    recipe.steps = [DropConfig(), hfcompress.make_config("wanda", {"targets": "model.layers.2.*"})]
+    with pytest.raises(InvalidOptionError, match=r"match no Linear layer.*model\.layers\.0"):
+        pipeline.plan(pipeline.resolve(tiny("llama")), recipe)    # block 2 is gone: there are blocks 0 and 1
+    recipe.steps[1] = hfcompress.make_config("wanda", {"targets": "model.layers.1.*"})
+    planned = pipeline.plan(pipeline.resolve(tiny("llama")), recipe)
+    assert planned.removed == ["model.layers.1"] and planned.config["num_hidden_layers"] == 2
+    assert set(planned.modules) == {f"model.layers.1.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                     "self_attn.v_proj", "self_attn.o_proj",
+                                                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
