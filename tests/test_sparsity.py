@@ -60,3 +60,26 @@ def test_ratio_follows_pattern():
     assert WandaConfig(pattern="1:4").ratio == 0.25
     assert WandaConfig().ratio == 0.5
     assert parse_pattern("unstructured") is None
+
+
+def test_sparsegpt_compensates_the_pruning_error_and_keeps_exact_row_sparsity():
+    from hfcompress.methods.sparsegpt import block_drop_counts, sparsegpt_prune
+    from hfcompress.methods.wanda import wanda_score
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) @ torch.randn(64, 64)                  # correlated inputs (tokens, in)
+    weight = torch.randn(32, 64)
+    hessian = 2 * x.t() @ x
+    keep, updated = sparsegpt_prune(weight, hessian, 0.5, None, block_size=16)
+    assert (keep.sum(1) == 32).all() and torch.equal(updated == 0, ~keep)
+    wanda_keep = keep_mask(wanda_score(weight, x.pow(2).sum(0)), 0.5, None)
+
+    def error(w):  # ||(W - W_hat) X^T||^2 over the calibration tokens
+        return ((weight - w) @ x.t()).pow(2).sum().item()
+
+    assert error(updated) < 0.8 * error(weight * wanda_keep)
+    assert block_drop_counts(100, 16, 0.5) == [8, 8, 8, 8, 8, 8, 2] and sum(block_drop_counts(576, 128, 0.7)) == 403
+    keep, same = sparsegpt_prune(weight, hessian, 0.0, None)         # nothing to prune: nothing changes
+    assert keep.all() and torch.allclose(same, weight)
+    keep, _ = sparsegpt_prune(weight, hessian, 0.5, (2, 4), block_size=16)
+    assert (keep.reshape(32, 16, 4).sum(-1) == 2).all()
