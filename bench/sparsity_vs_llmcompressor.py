@@ -106,8 +106,8 @@ def main() -> None:
                 hf_masks = masks(model)
             print(rows[-1], flush=True)
         out_file = WORK / f"llmc-wanda-{sparsity}.safetensors"
-        run = subprocess.run([python, str(HERE / "llmcompressor_wanda.py"), folder, str(calib_file), str(sparsity),
-                              str(out_file)], capture_output=True, text=True)
+        run = subprocess.run([python, str(HERE / "llmcompressor_prune.py"), "wanda", folder, str(calib_file),
+                              str(sparsity), str(out_file)], capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f"llm-compressor failed:\n{run.stderr[-4000:]}")
         info = json.loads(run.stdout.strip().splitlines()[-1])
