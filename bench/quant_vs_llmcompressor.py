@@ -10,7 +10,6 @@ same perplexity code, and their sizes are read off the disk. Writes bench/result
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from sparsity_vs_llmcompressor import RESULTS, WORK, llmc_python, smollm2_folder
+from sparsity_vs_llmcompressor import RESULTS, WORK, common_parser, llmc_python, smollm2_folder
 from transformers import AutoModelForCausalLM
 
 import hfcompress
@@ -56,12 +55,9 @@ def same_tensors(ours: Path, theirs: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llmc-python", help="python of a venv with llmcompressor installed")
+    parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--bits", default="4", help="comma-separated bit-widths, e.g. 4,8")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=32)
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
     RESULTS.mkdir(exist_ok=True)

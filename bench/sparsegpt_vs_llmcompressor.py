@@ -11,7 +11,6 @@ latter are compared with llm-compressor's. Writes bench/results/sparsegpt_smollm
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -22,37 +21,19 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model
-from sparsity_vs_llmcompressor import RESULTS, WORK, llmc_python, masks, smollm2_folder
+from sparsity_vs_llmcompressor import RESULTS, WORK, common_parser, masks, prepare
 
 import hfcompress
-from hfcompress.calibration import load_calibration
 from hfcompress.context import Context
 from hfcompress.evaluate import perplexity
 from hfcompress.loading import load_model as hf_load_model
-from hfcompress.loading import load_tokenizer, resolve
-from hfcompress.pipeline import evaluation_windows
-from hfcompress.recipe import EvaluationSpec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llmc-python", help="python of a venv with llmcompressor installed")
+    parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.6)
-    parser.add_argument("--n-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=32)
     args = parser.parse_args()
-    WORK.mkdir(exist_ok=True)
-    RESULTS.mkdir(exist_ok=True)
-    python = llmc_python(args.llmc_python)
-    folder = smollm2_folder()
-    resolved = resolve(folder)
-    tokenizer = load_tokenizer(resolved)
-    calibration = load_calibration(tokenizer, "builtin", args.n_samples, args.seq_len, seed=0)
-    calib_file = WORK / "calibration.pt"
-    torch.save(calibration.input_ids, calib_file)
-    windows = evaluation_windows(tokenizer, EvaluationSpec(seq_len=args.seq_len, n_windows=args.eval_windows),
-                                 "causal-lm")
+    python, folder, resolved, calibration, calib_file, windows = prepare(args)
     device = torch.device("cpu")
 
     def fresh():

@@ -65,14 +65,19 @@ def masks(model) -> dict[str, torch.Tensor]:
             for name, layer in find_linears(block, prefix=prefix).items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark against llm-compressor takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--llmc-python", help="python of a venv with llmcompressor installed")
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--sparsities", default="0.5,0.6")
-    args = parser.parse_args()
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> tuple[str, str, object, object, Path, torch.Tensor]:
+    """(llm-compressor's python, SmolLM2 folder, resolved model, calibration data, its token file, evaluation
+    windows): the same for both tools."""
     WORK.mkdir(exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
     python = llmc_python(args.llmc_python)
@@ -84,6 +89,14 @@ def main() -> None:
     torch.save(calibration.input_ids, calib_file)
     windows = evaluation_windows(tokenizer, EvaluationSpec(seq_len=args.seq_len, n_windows=args.eval_windows),
                                  "causal-lm")
+    return python, folder, resolved, calibration, calib_file, windows
+
+
+def main() -> None:
+    parser = common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--sparsities", default="0.5,0.6")
+    args = parser.parse_args()
+    python, folder, resolved, calibration, calib_file, windows = prepare(args)
     device = torch.device("cpu")
 
     def fresh():
