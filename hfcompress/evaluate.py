@@ -83,8 +83,8 @@ def block_linear_sparsity(model: nn.Module) -> float:
 
 def stored_bytes(model: nn.Module, structure: Structure | None = None, dtype: torch.dtype | None = None) -> int:
     """Bytes of tensor data the writer chosen for `structure` stores (file headers aside): every state-dict tensor
-    once (tied weights share storage), floating ones in `dtype` when given; a quantized layer's weight as its packed
-    integers (ceil(in * bits / 32) int32 words per row), its per-group scales in `dtype` and its shape (2 int64)."""
+    once (tied weights share storage), floating ones in `dtype` when given; a quantized layer's weight as the
+    compressed-tensors writer stores it (packed integers, per-group scales in `dtype`, its shape)."""
     quantized = structure.of_kind("quantized") if structure else {}
     packed = {f"{name}.weight": entry for name, entry in quantized.items()}
     seen, total = set(), 0
@@ -95,9 +95,9 @@ def stored_bytes(model: nn.Module, structure: Structure | None = None, dtype: to
         seen.add(key)
         element = dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.element_size()
         if name in packed:
-            rows, cols = tensor.shape
-            bits, group_size = packed[name]["bits"], packed[name]["group_size"]
-            total += rows * -(-cols * bits // 32) * 4 + rows * (cols // group_size) * element + 2 * 8
+            from .formats.compressed_tensors import stored_layer_bytes
+
+            total += stored_layer_bytes(*tensor.shape, packed[name]["bits"], packed[name]["group_size"], element)
         else:
             total += tensor.numel() * element
     return total

@@ -60,8 +60,9 @@ def _as_recipe(recipe: Recipe | dict | str) -> Recipe:
     return Recipe.from_yaml(recipe)
 
 
-def plan(resolved: ResolvedModel, recipe: Recipe) -> Structure:
-    """Check every step before any weight is loaded and return the planned structure map (kinds only).
+def plan(resolved: ResolvedModel, recipe: Recipe, source: Structure | None = None) -> Structure:
+    """Check every step before any weight is loaded and return the planned structure map (kinds only), starting
+    from the `source` model's own map.
 
     Each step must support the model's family; its check runs on a weightless (meta-device) copy of the model as
     the earlier steps left it (a structural step applies its edit there), and a change that cannot follow an
@@ -86,7 +87,7 @@ def plan(resolved: ResolvedModel, recipe: Recipe) -> Structure:
             architecture = (getattr(resolved.config, "architectures", None) or [resolved.config.model_type])[0]
             raise UnsupportedModelError(f"method `{spec.name}` does not support {architecture} ({resolved.family}); "
                                         f"it supports: {choices(spec.supports)}")
-    planned = source_structure(resolved)
+    planned = Structure.from_dict(source.to_dict()) if source else Structure()
     if any(spec.check for spec in specs):
         skeleton = model_skeleton(resolved)
         for spec, step in zip(specs, recipe.steps, strict=True):
@@ -179,7 +180,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     device = pick_device(recipe.model.device)
     resolved = resolve(recipe.model.id, revision=recipe.model.revision,
                        trust_remote_code=recipe.model.trust_remote_code, token=token)
-    planned = plan(resolved, recipe)
+    source = source_structure(resolved)  # read once: planning and the run both start from it
+    planned = plan(resolved, recipe, source)
     if recipe.output.push_to:  # e.g. builtin:smollm2-135m is HuggingFaceTB/SmolLM2-135M-Instruct on the Hub
         check_push_target(recipe.output.push_to, resolved.base_model)
         check_token(token)
@@ -208,7 +210,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     before = (measure(model, resolved.family, device, windows, sparsity=pruned, speed=ev.speed, desc="before",
                       storage_dtype=storage_dtype) if ev.enabled else {})
 
-    reports, steps_meta, structure = [], [], source_structure(resolved)
+    reports, steps_meta, structure = [], [], source
     for index, step in enumerate(recipe.steps):
         spec = get_method(type(step).method)
         log(f"step {index + 1}/{len(recipe.steps)}: {spec.name}")

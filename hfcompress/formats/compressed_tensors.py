@@ -44,6 +44,11 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)  # the same 32 bits, signed
 
 
+def stored_layer_bytes(rows: int, columns: int, bits: int, group_size: int, scale_bytes: int) -> int:
+    """Bytes this writer stores for one quantized (rows, columns) weight: packed words, scales and the shape."""
+    return rows * -(-columns * bits // 32) * 4 + rows * (columns // group_size) * scale_bytes + 2 * 8
+
+
 def package_requirement(bit_widths: set[int]) -> str:
     """The pip requirement that reads these bit-widths correctly."""
     return PACKAGE if bit_widths <= {1, 2, 4, 8} else f"{PACKAGE}>=0.20"
@@ -81,6 +86,7 @@ def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | No
         state[f"{name}.weight_packed"] = pack_int32(q.cpu(), entry["bits"])
         state[f"{name}.weight_scale"] = scale.to("cpu", dtype or scale.dtype).contiguous()
         state[f"{name}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
-    write(model, folder, state, dtype, {"quantization_config": quantization_config(quantized)})
+    groups = quantization_config(quantized)
+    write(model, folder, state, dtype, lambda config: {**config, "quantization_config": groups})
     bit_widths = {entry["bits"] for entry in quantized.values()}
     return {"format": "compressed-tensors", "packages": [package_requirement(bit_widths)], "trust_remote_code": False}

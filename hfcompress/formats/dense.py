@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,14 +31,16 @@ def storage_state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str,
 
 
 def write(model: nn.Module, folder: Path, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
-          config_updates: dict[str, Any] | None = None) -> None:
-    """save_pretrained with the given state dict; config.json then records `dtype` and `config_updates`."""
+          edit_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """save_pretrained with the given state dict; config.json then records `dtype` and goes through `edit_config`
+    (the writers' own changes to it)."""
     model.save_pretrained(folder, state_dict=state, max_shard_size=MAX_SHARD_SIZE)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
-    config.update(config_updates or {})
+    if edit_config is not None:
+        config = edit_config(config)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -12,7 +12,6 @@ architecture and applies those entries. Plain `from_pretrained` then stops with 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,11 @@ from .dense import storage_state_dict, write
 
 def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | None) -> dict[str, Any]:
     """Write weights, the remote-code config and the modeling file; return what loading needs."""
-    write(model, folder, storage_state_dict(model, dtype), dtype)
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     entries = {name: {kind: details for kind, details in entry.items() if kind in STRUCTURAL}
                for name, entry in structure.modules.items() if set(entry) & STRUCTURAL}
-    config = modules.remote_code_config(config, {"auto_class": "AutoModelForCausalLM" if causal else "AutoModel",
-                                                 "modules": entries})
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    hfcompress = {"auto_class": "AutoModelForCausalLM" if causal else "AutoModel", "modules": entries}
+    write(model, folder, storage_state_dict(model, dtype), dtype,
+          lambda config: modules.remote_code_config(config, hfcompress))
     shutil.copyfile(modules.__file__, folder / modules.MODELING_FILE)
     return {"format": "remote-code", "packages": [], "trust_remote_code": True}
