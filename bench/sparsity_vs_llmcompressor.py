@@ -75,12 +75,13 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def prepare(args: argparse.Namespace) -> tuple[str, str, object, object, Path, torch.Tensor]:
-    """(llm-compressor's python, SmolLM2 folder, resolved model, calibration data, its token file, evaluation
-    windows): the same for both tools."""
+def prepare(args: argparse.Namespace, llmc: bool = True) -> tuple[str | None, str, object, object, Path,
+                                                                   torch.Tensor]:
+    """(llm-compressor's python or None without `llmc`, SmolLM2 folder, resolved model, calibration data, its token
+    file, evaluation windows): the same for every tool."""
     WORK.mkdir(exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
-    python = llmc_python(args.llmc_python)
+    python = llmc_python(args.llmc_python) if llmc else None
     folder = smollm2_folder()
     resolved = resolve(folder)
     tokenizer = load_tokenizer(resolved)

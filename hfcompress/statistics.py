@@ -27,8 +27,8 @@ class InputStatistics:
         layers: the layers to observe, by name.
         want: which of `sum`, `sq_sum`, `hessian` to accumulate (the token count is always kept).
 
-    After the `with` block: `tokens(name)`, `sum(name)` (in,), `sq_sum(name)` (in,), `mean(name)`,
-    `variance(name)`, `hessian(name)` (in, in).
+    After the `with` block: `tokens(name)`, `windows(name)` (calibration sequences), `sum(name)` (in,),
+    `sq_sum(name)` (in,), `mean(name)`, `variance(name)`, `hessian(name)` (in, in).
     """
 
     def __init__(self, layers: dict[str, nn.Module], want: Iterable[str] = ("sq_sum",)) -> None:
@@ -40,6 +40,7 @@ class InputStatistics:
         self.owner: dict[str, str] = {}              # layer -> the layer whose accumulator it shares
         self.values: dict[str, dict[str, torch.Tensor]] = {}
         self.count: dict[str, int] = {}
+        self.window_count: dict[str, int] = {}       # calibration windows (sequences) seen
         self._first_inputs: dict[str, torch.Tensor] = {}  # held during the first batch only, to find shared inputs
         self._handles: list = []
 
@@ -63,6 +64,7 @@ class InputStatistics:
         owner = self.owner[name]
         if owner != name:
             return
+        self.window_count[name] = self.window_count.get(name, 0) + (x.shape[0] if x.dim() == 3 else 1)
         x = x.reshape(-1, x.shape[-1]).float()       # (tokens, in)
         acc = self.values.setdefault(name, {})
         self.count[name] = self.count.get(name, 0) + x.shape[0]
@@ -71,7 +73,7 @@ class InputStatistics:
         if "sq_sum" in self.want:
             acc["sq_sum"] = acc.get("sq_sum", 0) + x.pow(2).sum(dim=0)
         if "hessian" in self.want:
-            acc["hessian"] = acc.get("hessian", 0) + x.t() @ x
+            acc["hessian_upper"] = add_gram_upper(acc.get("hessian_upper"), x)
 
     def _get(self, name: str, what: str) -> torch.Tensor:
         if what not in self.want:
@@ -81,6 +83,9 @@ class InputStatistics:
     def tokens(self, name: str) -> int:
         return self.count[self.owner[name]]
 
+    def windows(self, name: str) -> int:
+        return self.window_count[self.owner[name]]
+
     def sum(self, name: str) -> torch.Tensor:
         return self._get(name, "sum")
 
@@ -88,7 +93,13 @@ class InputStatistics:
         return self._get(name, "sq_sum")
 
     def hessian(self, name: str) -> torch.Tensor:
-        return self._get(name, "hessian")
+        if "hessian" not in self.want:
+            return self._get(name, "hessian")
+        acc = self.values[self.owner[name]]
+        if "hessian" not in acc:  # mirrored once, on first use
+            upper = acc.pop("hessian_upper")
+            acc["hessian"] = torch.triu(upper) + torch.triu(upper, 1).t()
+        return acc["hessian"]
 
     def mean(self, name: str) -> torch.Tensor:
         return self.sum(name) / self.tokens(name)
@@ -97,6 +108,16 @@ class InputStatistics:
         """Population variance per input channel, clamped at 0 against rounding."""
         mean = self.mean(name)
         return (self.sq_sum(name) / self.tokens(name) - mean.pow(2)).clamp_min(0)
+
+
+def add_gram_upper(gram: torch.Tensor | None, x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """gram (in, in) += x^T x for x (tokens, in), computing only the blocks on and above the diagonal (about 40 %
+    fewer flops for wide layers); the lower triangle is left stale, so read it through `torch.triu`."""
+    if gram is None:
+        gram = x.new_zeros(x.shape[1], x.shape[1])
+    for start in range(0, x.shape[1], block):
+        gram[start:start + block, start:].addmm_(x[:, start:start + block].t(), x[:, start:])
+    return gram
 
 
 class CosineMeter:

@@ -133,6 +133,16 @@ def test_pattern_that_does_not_divide_the_layers(tiny, no_weights):
         _run(tiny("llama"), step={"method": "magnitude", "pattern": "3:7"})
 
 
+def test_dsnot_options_are_refused_before_loading_with_the_valid_choices(tiny, no_weights):
+    for init in ("dsnot", "random"):
+        with pytest.raises(InvalidOptionError, match="init.*`wanda`, `magnitude`, `sparsegpt`"):
+            _run(tiny("llama"), step={"method": "dsnot", "init": init})
+    with pytest.raises(InvalidOptionError, match="cycles must be >= 1, got 0"):
+        _run(tiny("llama"), step={"method": "dsnot", "cycles": 0})
+    with pytest.raises(UnsupportedModelError, match="pattern 3:7 needs in_features divisible by 7"):
+        _run(tiny("llama"), step={"method": "dsnot", "pattern": "3:7"})
+
+
 def test_seq2seq_moe_and_prequantized_models_are_refused_before_loading(tmp_path, no_weights):
     import transformers
 

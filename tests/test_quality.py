@@ -18,13 +18,14 @@ def smollm2_results(smollm2, tmp_path_factory):
     for key, step, output in [("magnitude", {"method": "magnitude", "sparsity": 0.5}, {}),
                               ("wanda", {"method": "wanda", "sparsity": 0.5}, {"dir": str(out)}),
                               ("wanda-2:4", {"method": "wanda", "pattern": "2:4"}, {}),
-                              ("sparsegpt", {"method": "sparsegpt", "sparsity": 0.5}, {})]:
+                              ("sparsegpt", {"method": "sparsegpt", "sparsity": 0.5}, {}),
+                              ("dsnot", {"method": "dsnot", "sparsity": 0.5, "cycles": 20}, {})]:
         results[key] = hfcompress.compress({"model": smollm2, "steps": [step], **FAST, "output": output},
                                            log=lambda line: None)
     return results, out
 
 
-def test_sparsegpt_beats_wanda_beats_magnitude_and_unstructured_beats_2_4(smollm2_results):
+def test_sparsegpt_and_dsnot_beat_wanda_beats_magnitude_and_unstructured_beats_2_4(smollm2_results):
     results, _ = smollm2_results
     dense = results["wanda"].before["perplexity"]
     ppl = {key: result.after["perplexity"] for key, result in results.items()}
@@ -34,6 +35,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude_and_unstructured_beats_2_4(smollm
     assert ppl["magnitude"] > 3 * ppl["wanda"]      # magnitude 50 % is far worse
     assert ppl["wanda"] < ppl["wanda-2:4"] < ppl["magnitude"] * 2
     assert ppl["sparsegpt"] < ppl["wanda"]          # error compensation beats no update at the same sparsity
+    assert ppl["dsnot"] < 0.95 * ppl["wanda"]       # refining Wanda's mask by prune-and-grow beats the mask
 
 
 def test_saved_smollm2_reloads_with_identical_logits_and_reports_its_size(smollm2_results, tmp_path):

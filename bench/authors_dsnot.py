@@ -1,0 +1,60 @@
+"""Run the DSnoT authors' released pruning function (github.com/zyxxmu/DSnoT) on a model folder; used by
+bench/dsnot_smollm2.py, which evaluates the result with the same code and windows as hfcompress's runs.
+
+    python bench/authors_dsnot.py AUTHORS_CHECKOUT MODEL_FOLDER CALIBRATION.pt SPARSITY SKIP_LAYER OUT.safetensors
+
+Their code is imported, not copied. Three things are set from outside so that it runs here: their calibration
+loader returns our windows, the device is the CPU with fp32 weights, and the decoder layers (which transformers 5
+call with rotary `position_embeddings`, something their code does not pass) compute those from the model's own
+rotary embedding when missing. Prints one JSON line: seconds, the mask agreement is computed by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM
+from transformers.models.llama import modeling_llama
+
+
+def main() -> None:
+    checkout, folder, calibration_file, sparsity, skip_layer, out = sys.argv[1:]
+    sys.path.insert(0, checkout)
+    import lib.prune as authors
+
+    windows = torch.load(calibration_file)                         # (n_samples, seq_len)
+    authors.get_loaders = lambda *args, **kwargs: ([(w.unsqueeze(0), None) for w in windows], None)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model.seqlen, model.hf_device_map = windows.shape[1], {}
+
+    forward = modeling_llama.LlamaDecoderLayer.forward
+
+    def with_rotary(self, hidden_states, *args, position_embeddings=None, position_ids=None, **kwargs):
+        if position_embeddings is None:
+            position_embeddings = model.model.rotary_emb(hidden_states, position_ids)
+        return forward(self, hidden_states, *args, position_embeddings=position_embeddings,
+                       position_ids=position_ids, **kwargs)
+
+    modeling_llama.LlamaDecoderLayer.forward = with_rotary
+    # their command-line defaults (main.py), with the initial mask from Wanda
+    args = SimpleNamespace(nsamples=len(windows), seed=0, sparsity_ratio=float(sparsity), initial_method="wanda",
+                           max_cycle_time=50, without_DSnoT=False, update_threshold=0.1, pow_of_var_regrowing=1.0,
+                           pow_of_var_pruning=1.0, skip_layer=skip_layer, skip_sub_layer="no_skip",
+                           without_same_sign=True, get_time_overhead=False)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        authors.prune_DSnoT(args, model, None, torch.device("cpu"))
+    seconds = time.perf_counter() - start
+    save_model(model, out)
+    print(json.dumps({"seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""DSnoT's refinement loops on synthetic layers and on a tiny model: what they preserve and what they improve."""
+
+import pytest
+import torch
+
+import hfcompress
+from hfcompress.calibration import CalibrationData
+from hfcompress.context import Context
+from hfcompress.loading import load_model, resolve
+from hfcompress.methods.dsnot import diagonal_hessian, faithful_refine, refine_mask
+from hfcompress.methods.wanda import wanda_score
+from hfcompress.sequential import find_linears, named_blocks, weight_matrix
+from hfcompress.sparsity import keep_mask
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A layer whose inputs have non-zero channel means and correlated channels, like an LLM's."""
+    torch.manual_seed(0)
+    x = (torch.randn(2000, 64) * torch.rand(64) * 2 + torch.randn(64)) @ (torch.eye(64) + 0.05 * torch.randn(64, 64))
+    return torch.randn(32, 64), x                                  # weight (out, in), inputs (tokens, in)
+
+
+def _error(weight, keep, x):                                       # ||(W - W_hat) X^T||^2 over the tokens
+    return ((weight * ~keep) @ x.t()).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_default_loop_keeps_the_pattern_and_lowers_the_reconstruction_error(layer, nm):
+    weight, x = layer
+    keep = keep_mask(wanda_score(weight, x.pow(2).sum(0)), 0.5, nm)
+    refined, swaps = refine_mask(weight, weight * keep, keep, x.t() @ x, nm=nm, cycles=20)
+    assert torch.equal((~refined).sum(1), (~keep).sum(1))           # per-row sparsity exactly preserved
+    if nm:
+        assert ((~refined).reshape(32, -1, 4).sum(-1) == 2).all()    # every group keeps 2:4
+    assert swaps.max() <= 20 and swaps.sum() > 0
+    assert int((refined != keep).sum()) == 2 * int(swaps.sum())     # each swap moves one weight in, one out
+    assert _error(weight, refined, x) < 0.9 * _error(weight, keep, x)
+    again, _ = refine_mask(weight, weight * keep, keep, x.t() @ x, nm=nm, cycles=5)
+    assert _error(weight, refined, x) <= _error(weight, again, x)   # more cycles never undo progress
+
+
+def test_diagonal_estimate_needs_no_hessian_and_still_helps(layer):
+    weight, x = layer
+    keep = keep_mask(wanda_score(weight, x.pow(2).sum(0)), 0.5, None)
+    estimate = diagonal_hessian(x.mean(0), x.var(0, unbiased=False), x.shape[0])
+    assert torch.allclose(estimate.diagonal(), x.pow(2).sum(0), rtol=1e-4)  # T (v + mu^2) = sum of squares
+    refined, _ = refine_mask(weight, weight * keep, keep, estimate)
+    assert _error(weight, refined, x) < _error(weight, keep, x)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_faithful_loop_cancels_the_mean_error_and_keeps_the_pattern(layer, nm):
+    weight, x = layer
+    keep = keep_mask(wanda_score(weight, x.pow(2).sum(0)), 0.5, nm)
+    mean, variance = x.mean(0), x.var(0, unbiased=False)
+    refined, swaps = faithful_refine(weight, weight * keep, keep, mean, variance, wanda_score(weight, x.pow(2).sum(0)),
+                                     nm=nm, threshold=0.01, same_sign=nm is not None)
+    assert torch.equal((~refined).sum(1), (~keep).sum(1)) and swaps.sum() > 0
+    if nm:
+        assert ((~refined).reshape(32, -1, 4).sum(-1) == 2).all()
+
+    def mean_error(k):
+        return ((weight * ~k) * mean).sum(1).abs().mean().item()
+
+    assert mean_error(refined) < mean_error(keep)                  # what the authors' loop targets
+    loose, _ = faithful_refine(weight, weight * keep, keep, mean, variance, wanda_score(weight, x.pow(2).sum(0)),
+                               nm=nm, threshold=1e9)
+    assert torch.equal(loose, keep)                                 # |e| under the threshold: nothing moves
+
+
+def _run(tiny, method, options):
+    """(dense block weights, model after the step, report) on the tiny Llama with random-token calibration."""
+    model = load_model(resolve(tiny("llama")), "float32")
+    dense = _block_weights(model)
+    calibration = CalibrationData(torch.randint(0, 30000, (4, 32), generator=torch.Generator().manual_seed(0)))
+    report = hfcompress.available_methods()[method].transform(model, hfcompress.make_config(method, options),
+                                                              Context(calibration=calibration))
+    return dense, _block_weights(model), report
+
+
+def _block_weights(model):
+    return {name: weight_matrix(layer).detach().clone() for prefix, block in named_blocks(model)
+            for name, layer in find_linears(block, prefix=prefix).items()}
+
+
+@pytest.mark.parametrize("init", ["wanda", "magnitude", "sparsegpt"])
+def test_weights_are_untouched_except_where_pruned_or_updated_by_sparsegpt(tiny, init):
+    dense, after, report = _run(tiny, "dsnot", {"sparsity": 0.5, "init": init, "cycles": 10})
+    changed = 0
+    for name, weight in after.items():
+        kept = weight != 0
+        assert (kept.sum(1) == weight.shape[1] // 2).all(), name
+        changed += (weight[kept] != dense[name][kept]).sum().item()
+    assert (changed == 0) == (init != "sparsegpt")                  # only SparseGPT's path updates kept weights
+    assert report.stats["init"] == init and report.stats["variant"] == "default"
+    assert 0 < report.stats["mean_swaps_per_row"] <= report.stats["cycles_used"] <= 10
+
+
+def test_refine_globs_leave_the_other_layers_on_the_initial_mask(tiny):
+    dense_inputs = {"sparsity": 0.5, "sequential": False}  # so that the MLPs see the same inputs in every run
+    _, wanda, _ = _run(tiny, "wanda", dense_inputs)
+    _, every, _ = _run(tiny, "dsnot", dense_inputs)
+    _, attention, report = _run(tiny, "dsnot", {**dense_inputs, "refine": ["*self_attn*"]})
+    moved = {name for name in wanda if not torch.equal(every[name] != 0, wanda[name] != 0)}
+    assert any("mlp" in name for name in moved) and any("self_attn" in name for name in moved)
+    for name in wanda:
+        if "mlp" in name:
+            assert torch.equal(attention[name] != 0, wanda[name] != 0), name
+    assert report.stats["refined_layers"] <= sum("self_attn" in name for name in wanda)
