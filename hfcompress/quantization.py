@@ -124,12 +124,19 @@ def quantize_layer(layer: nn.Module, bits: int, group_size: int, dtype: torch.dt
                    device: torch.device | str) -> dict[str, Any]:
     """Replace the layer's weight by its quantized value (w = q * s, in the layer's dtype) and keep the scales on
     the layer as the non-persistent buffer `weight_scale`, for the compressed-tensors writer."""
-    weight = weight_matrix(layer)
-    w = weight.detach().to(device, torch.float32)
+    w = weight_matrix(layer).detach().to(device, torch.float32)
     scale = symmetric_scales(w, bits, group_size, dtype)
-    weight.copy_(dequantize(quantize(w, scale, bits), scale).to(weight.device, weight.dtype))
-    layer.register_buffer(SCALE_BUFFER, scale.to(layer.weight.device, dtype), persistent=False)
+    store_quantized(layer, quantize(w, scale, bits), scale, dtype)
     return {"bits": bits, "group_size": group_size}
+
+
+@torch.no_grad()
+def store_quantized(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+    """Set the layer's weight to q * s (in the layer's dtype) and keep `scale` (out, in / group_size) on it as the
+    non-persistent buffer `weight_scale`, for the compressed-tensors writer."""
+    weight = weight_matrix(layer)
+    weight.copy_(dequantize(q, scale).to(weight.device, weight.dtype))
+    layer.register_buffer(SCALE_BUFFER, scale.to(layer.weight.device, dtype), persistent=False)
 
 
 def layer_integers(layer: nn.Module, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

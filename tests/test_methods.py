@@ -34,6 +34,9 @@ CASES = {
               ({"pattern": "4:8", "faithful": True}, ["mistral"], "plain"),
               ({"sparsity": 0.6, "init": "magnitude", "faithful": True, "refine": ["*attn*"]}, ["opt"], "plain"),
               ({"sparsity": 0.5, "estimate": "diagonal", "cycles": 5}, ["phi3"], "plain")],
+    "gptq": [({"bits": 4}, ["llama", "bert"], "package"),
+             ({"bits": 3, "group_size": 16, "act_order": True}, ["qwen2"], "package"),
+             ({"bits": 8, "block_size": 32}, ["mistral"], "package")],
     "rtn": [({"bits": 4}, ["llama", "qwen3", "bert", "llava"], "package"),
             ({"bits": 3, "group_size": 16}, ["mistral"], "package"),
             ({"bits": 8, "group_size": 32}, ["phi3"], "package"),
@@ -41,7 +44,7 @@ CASES = {
 }
 TABLE = [(method, options, model, mode) for method, rows in CASES.items() for options, models, mode in rows
          for model in models]
-PACKAGES = {"rtn": "compressed_tensors"}
+PACKAGES = {"rtn": "compressed_tensors", "gptq": "compressed_tensors"}
 
 
 def test_every_registered_method_has_a_row():

@@ -58,3 +58,26 @@ def test_bad_quantization_options_name_the_valid_ones():
         hfcompress.make_config("rtn", {"bits": "4,2"})
     with pytest.raises(InvalidOptionError, match="`auto` or a positive number"):
         hfcompress.make_config("rtn", {"group_size": "big"})
+    with pytest.raises(InvalidOptionError, match="gptq quantizes every layer to one bit-width"):
+        hfcompress.make_config("gptq", {"bits": "4,2"})
+    with pytest.raises(InvalidOptionError, match="damp must be > 0"):
+        hfcompress.make_config("gptq", {"damp": "0"})
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_stays_on_the_grid_and_halves_the_output_error_of_rtn(act_order):
+    from hfcompress.methods.gptq import gptq_quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 128) @ torch.randn(128, 128)                 # correlated inputs (tokens, in)
+    x[:, 5] = 0                                                         # a dead input channel
+    weight = torch.randn(64, 128)
+    q, scale = gptq_quantize(weight, 2 * x.t() @ x, 4, 32, torch.bfloat16, block_size=48, act_order=act_order)
+    assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7 and scale.shape == (64, 4)
+    assert torch.equal(scale, scale.to(torch.bfloat16).float()) and (q[:, 5] == 0).all()
+    rtn_scale = symmetric_scales(weight, 4, 32, torch.bfloat16)
+
+    def error(w):  # ||(W - W_hat) X^T||^2 over the calibration tokens
+        return ((weight - w) @ x.t()).pow(2).sum().item()
+
+    assert error(dequantize(q, scale)) < 0.6 * error(dequantize(quantize(weight, rtn_scale, 4), rtn_scale))

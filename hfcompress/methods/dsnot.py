@@ -260,7 +260,7 @@ def dsnot_statistics(config: DSnoTConfig) -> tuple[str, ...]:
 @register(DSnoTConfig, paper="https://arxiv.org/abs/2310.08915", needs_calibration=True,
           supports=("causal-lm", "encoder"), check=pruning_check, changes="sparse")
 def dsnot(model: nn.Module, config: DSnoTConfig, context: Context) -> Report:
-    """DSnoT: refine an initial sparse mask by swapping pruned and kept weights to cancel each row's mean error."""
+    """DSnoT: refine a Wanda, magnitude or SparseGPT mask by prune-and-grow swaps within each row, no training."""
     swaps: dict[str, torch.Tensor] = {}
 
     def mask(weight: torch.Tensor, stats: InputStatistics, name: str, ratio: float, nm: tuple[int, int] | None):

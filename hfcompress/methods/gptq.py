@@ -1,0 +1,129 @@
+"""GPTQ: calibrated weight quantization with error feedback through the Hessian (Frantar et al., 2022,
+arXiv 2210.17323).
+
+Same grid and storage as `rtn` (symmetric b-bit integers, one scale per group of `group_size` input columns,
+saved in the compressed-tensors format), but each Linear layer is quantized column by column with the inverse
+Hessian of its inputs, H = 2 X^T X over every calibration token (fp32, dampened by `damp` x its mean diagonal):
+quantizing column j leaves an error (w_j - q_j s) / [U]_jj, which is spread over the columns not yet quantized
+through row j of U, the upper Cholesky factor of H^-1, so that the layer's output on the calibration data moves as
+little as possible. Columns go in blocks of `block_size` (the error reaches the columns after a block in one
+matrix product). A group's scale is taken from its weights as updated when the loop reaches its first column.
+`act_order: true` visits columns by decreasing Hessian diagonal (the most active inputs first); the scales are then
+fixed from the original weights before the loop, as the authors' static groups do, so that every group still holds
+consecutive columns. Dead input channels (zero Hessian diagonal) get a unit diagonal and zero weights, as in the
+authors' code. Blocks are processed in order, each block's inputs coming from the already-quantized blocks before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..context import Context
+from ..errors import InvalidOptionError
+from ..options import option
+from ..quantization import (
+    QuantizationConfig,
+    quantization_check,
+    quantization_targets,
+    resolve_group_size,
+    store_quantized,
+    symmetric_scales,
+)
+from ..registry import Report, register
+from ..sequential import BlockStep, named_blocks, weight_matrix
+from ..statistics import InputStatistics
+from ..structure import quantized
+from .sparsegpt import inverse_hessian_factor
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantizationConfig):
+    method: ClassVar[str] = "gptq"
+    damp: float = option(0.01, "dampening added to the Hessian's diagonal, as a share of its mean diagonal")
+    block_size: int = option(128, "columns per block of the error-feedback loop")
+    act_order: bool = option(False, "quantize columns by decreasing Hessian diagonal (scales fixed from the original "
+                                    "weights)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.bits) != 1:
+            raise InvalidOptionError(f"gptq quantizes every layer to one bit-width, got bits {list(self.bits)}; "
+                                     "give one (e.g. --bits 4)")
+        if not self.damp > 0:
+            raise InvalidOptionError(f"damp must be > 0, got {self.damp}")
+        if self.block_size < 1:
+            raise InvalidOptionError(f"block_size must be >= 1, got {self.block_size}")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
+                  block_size: int = 128, damp: float = 0.01,
+                  act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize weight (out, in) with error feedback; return (q (out, in) int8, scale (out, in / group_size) fp32,
+    rounded to `dtype`), so that the quantized weight is `dequantize(q, scale)`."""
+    weight = weight.clone().float()
+    hessian = hessian.clone().float()
+    rows, columns = weight.shape
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    if act_order:
+        scale = symmetric_scales(weight, bits, group_size, dtype)            # (out, in/g), fixed up front
+        order = torch.argsort(hessian.diagonal(), descending=True)
+    else:
+        scale = torch.zeros(rows, columns // group_size, device=weight.device)
+        order = torch.arange(columns, device=weight.device)
+    weight, hessian = weight[:, order], hessian[order][:, order]
+    factor = inverse_hessian_factor(hessian, damp)                           # (in, in), upper triangular
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = torch.zeros_like(weight)
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        w = weight[:, start:end].clone()                                    # (out, b), updated as columns go
+        errors = torch.zeros_like(w)
+        for column in range(end - start):
+            index = start + column
+            group = int(order[index]) // group_size
+            if not act_order and index % group_size == 0:  # a group starts: its scale from its weights as they are
+                span = torch.cat([w[:, column:], weight[:, end:]], dim=1)[:, :group_size]
+                scale[:, group] = symmetric_scales(span, bits, group_size, dtype)[:, 0]
+            s = scale[:, group]
+            q[:, index] = torch.round(w[:, column] / s).clamp_(low, high)
+            error = (w[:, column] - q[:, index] * s) / factor[index, index]  # (out,)
+            w[:, column:] -= error.unsqueeze(1) * factor[index, index:end].unsqueeze(0)
+            errors[:, column] = error
+        weight[:, end:] -= errors @ factor[start:end, end:]                  # the block's error, on later columns
+    unpermuted = torch.empty_like(q)
+    unpermuted[:, order] = q
+    return unpermuted.to(torch.int8), scale
+
+
+@register(GPTQConfig, paper="https://arxiv.org/abs/2210.17323", needs_calibration=True,
+          supports=("causal-lm", "encoder"), check=quantization_check, changes="quantized")
+def gptq(model: nn.Module, config: GPTQConfig, context: Context) -> Report:
+    """GPTQ: quantize column by column, spreading each rounding error over the columns left (inverse Hessian)."""
+    layers = quantization_targets(model, config)
+    group_size = resolve_group_size({weight_matrix(layer).shape[1] for layer in layers.values()}, config.group_size)
+    bits = config.bits[0]
+    storage = context.storage_dtype or next(iter(layers.values())).weight.dtype
+    by_block = {prefix: {name: layer for name, layer in layers.items() if name.startswith(prefix + ".")}
+                for prefix, _ in named_blocks(model)}
+    modules = {}
+
+    def process(step: BlockStep) -> None:
+        targets = by_block[step.name]
+        if not targets:
+            return
+        with InputStatistics(targets, ("hessian",)) as stats:
+            step.run()
+        for name, layer in targets.items():
+            q, scale = gptq_quantize(weight_matrix(layer).detach().float(), 2 * stats.hessian(name), bits,
+                                     group_size, storage, config.block_size, config.damp, config.act_order)
+            store_quantized(layer, q, scale, storage)
+            modules[name] = quantized(bits, group_size, "gptq")
+
+    context.run_blocks(model, process, desc="gptq")
+    return Report("gptq", {"bits": bits, "group_size": group_size, "layers": len(modules)}, modules)
