@@ -37,6 +37,9 @@ CASES = {
     "gptq": [({"bits": 4}, ["llama", "bert"], "package"),
              ({"bits": 3, "group_size": 16, "act_order": True}, ["qwen2"], "package"),
              ({"bits": 8, "block_size": 32}, ["mistral"], "package")],
+    "layerwise_quant": [({"bits": [4, 2], "avg_bits": 3}, ["llama", "bert"], "package"),
+                        ({"bits": [8, 4, 2], "avg_bits": 6, "score": "zd", "quantizer": "gptq"}, ["qwen2"], "package"),
+                        ({"layer_bits": [3, 8, 4]}, ["mistral"], "package")],
     "rtn": [({"bits": 4}, ["llama", "qwen3", "bert", "llava"], "package"),
             ({"bits": 3, "group_size": 16}, ["mistral"], "package"),
             ({"bits": 8, "group_size": 32}, ["phi3"], "package"),
@@ -44,7 +47,7 @@ CASES = {
 }
 TABLE = [(method, options, model, mode) for method, rows in CASES.items() for options, models, mode in rows
          for model in models]
-PACKAGES = {"rtn": "compressed_tensors", "gptq": "compressed_tensors"}
+PACKAGES = dict.fromkeys(("rtn", "gptq", "layerwise_quant"), "compressed_tensors")
 
 
 def test_every_registered_method_has_a_row():
@@ -121,10 +124,11 @@ def check_invariants(kind, config, result):
         assert result.reports[0].stats["sparsity"] == pytest.approx(config.ratio, abs=0.02)
         assert result.after["sparsity"] == pytest.approx(config.ratio, abs=0.02)
     elif kind == "quantized":
-        bits = config.bits[0]
         quantized = result.structure.of_kind("quantized")
-        assert quantized and {e["bits"] for e in quantized.values()} == {bits}
+        levels = set(getattr(config, "layer_bits", ()) or config.bits)
+        assert quantized and {e["bits"] for e in quantized.values()} <= levels
         for name, layer in _block_layers(result.model):
+            bits = quantized[name]["bits"]
             weight, scale = weight_matrix(layer).float(), getattr(layer, SCALE_BUFFER).float()
             q = (weight.reshape(*scale.shape, -1) / scale.unsqueeze(-1)).round()
             assert torch.equal((q * scale.unsqueeze(-1)).reshape(weight.shape), weight), name  # every weight is q * s

@@ -101,15 +101,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     return unpermuted.to(torch.int8), scale
 
 
-@register(GPTQConfig, paper="https://arxiv.org/abs/2210.17323", needs_calibration=True,
-          supports=("causal-lm", "encoder"), check=quantization_check, changes="quantized")
-def gptq(model: nn.Module, config: GPTQConfig, context: Context) -> Report:
-    """GPTQ: quantize column by column, spreading each rounding error over the columns left (inverse Hessian)."""
-    layers = quantization_targets(model, config)
-    group_size = resolve_group_size({weight_matrix(layer).shape[1] for layer in layers.values()}, config.group_size)
-    bits = config.bits[0]
-    storage = context.storage_dtype or next(iter(layers.values())).weight.dtype
-    by_block = {prefix: {name: layer for name, layer in layers.items() if name.startswith(prefix + ".")}
+def gptq_blocks(model: nn.Module, layer_bits: dict[str, int], group_size: int, storage: torch.dtype,
+                context: Context, *, damp: float = 0.01, block_size: int = 128,
+                act_order: bool = False) -> dict[str, dict]:
+    """Quantize the layers of `layer_bits` ({layer name: bits}) with GPTQ, block by block, each block's Hessians
+    from the outputs of the already-quantized blocks; return their structure entries."""
+    layers = dict(model.named_modules())
+    by_block = {prefix: {name: layers[name] for name in layer_bits if name.startswith(prefix + ".")}
                 for prefix, _ in named_blocks(model)}
     modules = {}
 
@@ -120,10 +118,23 @@ def gptq(model: nn.Module, config: GPTQConfig, context: Context) -> Report:
         with InputStatistics(targets, ("hessian",)) as stats:
             step.run()
         for name, layer in targets.items():
-            q, scale = gptq_quantize(weight_matrix(layer).detach().float(), 2 * stats.hessian(name), bits,
-                                     group_size, storage, config.block_size, config.damp, config.act_order)
+            q, scale = gptq_quantize(weight_matrix(layer).detach().float(), 2 * stats.hessian(name), layer_bits[name],
+                                     group_size, storage, block_size, damp, act_order)
             store_quantized(layer, q, scale, storage)
-            modules[name] = quantized(bits, group_size, "gptq")
+            modules[name] = quantized(layer_bits[name], group_size, "gptq")
 
     context.run_blocks(model, process, desc="gptq")
+    return modules
+
+
+@register(GPTQConfig, paper="https://arxiv.org/abs/2210.17323", needs_calibration=True,
+          supports=("causal-lm", "encoder"), check=quantization_check, changes="quantized")
+def gptq(model: nn.Module, config: GPTQConfig, context: Context) -> Report:
+    """GPTQ: quantize column by column, spreading each rounding error over the columns left (inverse Hessian)."""
+    layers = quantization_targets(model, config)
+    group_size = resolve_group_size({weight_matrix(layer).shape[1] for layer in layers.values()}, config.group_size)
+    bits = config.bits[0]
+    storage = context.storage_dtype or next(iter(layers.values())).weight.dtype
+    modules = gptq_blocks(model, dict.fromkeys(layers, bits), group_size, storage, context, damp=config.damp,
+                          block_size=config.block_size, act_order=config.act_order)
     return Report("gptq", {"bits": bits, "group_size": group_size, "layers": len(modules)}, modules)
