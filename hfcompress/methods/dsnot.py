@@ -109,7 +109,7 @@ def faithful_refine(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tens
     """
     rows, cols = dense.shape
     row_index = torch.arange(rows, device=dense.device)
-    keep, current = keep.clone(), current.clone()
+    keep = keep.clone()
     swappable = keep.clone()                                  # kept from the start and not pruned since
     growable = ~keep                                          # pruned from the start and not grown since
     error = ((dense - current) * mean).sum(dim=1)             # (out,) signed mean error
@@ -145,7 +145,6 @@ def faithful_refine(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tens
             break
         rows_ok, grow_ok, prune_ok = row_index[ok], grow[ok], prune[ok]
         keep[rows_ok, grow_ok], keep[rows_ok, prune_ok] = True, False
-        current[rows_ok, grow_ok], current[rows_ok, prune_ok] = dense[rows_ok, grow_ok], 0.0
         growable[rows_ok, grow_ok], swappable[rows_ok, prune_ok] = False, False
         error = torch.where(ok, after, error)
         swaps += ok.long()

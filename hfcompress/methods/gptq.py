@@ -37,7 +37,7 @@ from ..registry import Report, register
 from ..sequential import BlockStep, named_blocks, weight_matrix
 from ..statistics import InputStatistics
 from ..structure import quantized
-from .sparsegpt import inverse_hessian_factor
+from .sparsegpt import inverse_hessian_factor, without_dead_channels
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                   act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize weight (out, in) with error feedback; return (q (out, in) int8, scale (out, in / group_size) fp32,
     rounded to `dtype`), so that the quantized weight is `dequantize(q, scale)`."""
-    weight = weight.clone().float()
-    hessian = hessian.clone().float()
+    weight, hessian = without_dead_channels(weight, hessian)
     rows, columns = weight.shape
-    dead = hessian.diagonal() == 0
-    hessian[dead, dead] = 1
-    weight[:, dead] = 0
     if act_order:
         scale = symmetric_scales(weight, bits, group_size, dtype)            # (out, in/g), fixed up front
         order = torch.argsort(hessian.diagonal(), descending=True)

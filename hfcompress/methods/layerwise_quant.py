@@ -32,18 +32,12 @@ from torch import nn
 from ..context import Context
 from ..errors import InvalidOptionError
 from ..options import option
-from ..quantization import (
-    QuantizationConfig,
-    quantization_check,
-    quantization_targets,
-    quantize_layer,
-    resolve_group_size,
-)
+from ..quantization import QuantizationConfig, quantization_check, quantization_targets, resolve_group_size
 from ..registry import Report, register
 from ..sequential import BlockStep, find_linears, hidden_states_of, named_blocks, weight_matrix
 from ..statistics import mean_cosine
-from ..structure import quantized
 from .gptq import gptq_blocks
+from .rtn import rtn_layers
 
 SCORES = ("lim", "zd", "random", "reverse")
 
@@ -159,10 +153,7 @@ def layerwise_quant(model: nn.Module, config: LayerwiseQuantConfig, context: Con
     if config.quantizer == "gptq":
         modules = gptq_blocks(model, layer_bits, group_size, storage, context)
     else:
-        modules = {}
-        for name, layer in layers.items():
-            quantize_layer(layer, layer_bits[name], group_size, storage, context.device)
-            modules[name] = quantized(layer_bits[name], group_size, "rtn")
+        modules = rtn_layers(layers, layer_bits, group_size, storage, context)
     quantized_blocks = {prefix for prefix in bits for name in layer_bits if name.startswith(prefix + ".")}
     nominal = sum(bits[prefix] for prefix in quantized_blocks) / len(quantized_blocks)
     return Report("layerwise_quant", {"avg_bits_nominal": round(nominal, 4), "group_size": group_size,

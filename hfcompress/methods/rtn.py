@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,6 +41,19 @@ class RTNConfig(QuantizationConfig):
                                      "give one (e.g. --bits 4)")
 
 
+def rtn_layers(layers: dict[str, nn.Module], layer_bits: dict[str, int], group_size: int, storage: torch.dtype,
+               context: Context) -> dict[str, dict]:
+    """Round each layer of `layers` to its bit-width in `layer_bits`, with progress and cancel between layers;
+    return their structure entries."""
+    modules = {}
+    for index, (name, layer) in enumerate(tqdm(layers.items(), desc="rtn", leave=False)):
+        context.check_cancelled()
+        context.report(index / len(layers), f"rtn: {name}")
+        quantize_layer(layer, layer_bits[name], group_size, storage, context.device)
+        modules[name] = quantized(layer_bits[name], group_size, "rtn")
+    return modules
+
+
 @register(RTNConfig, paper="https://arxiv.org/abs/2210.17323", needs_calibration=False,
           supports=("causal-lm", "encoder", "vision", "vision-language"), check=quantization_check,
           changes="quantized")
@@ -49,10 +63,5 @@ def rtn(model: nn.Module, config: RTNConfig, context: Context) -> Report:
     group_size = resolve_group_size({weight_matrix(layer).shape[1] for layer in layers.values()}, config.group_size)
     bits = config.bits[0]
     storage = context.storage_dtype or next(iter(layers.values())).weight.dtype
-    modules = {}
-    for index, (name, layer) in enumerate(tqdm(layers.items(), desc="rtn", leave=False)):
-        context.check_cancelled()
-        context.report(index / len(layers), f"rtn: {name}")
-        quantize_layer(layer, bits, group_size, storage, context.device)
-        modules[name] = quantized(bits, group_size, "rtn")
+    modules = rtn_layers(layers, dict.fromkeys(layers, bits), group_size, storage, context)
     return Report("rtn", {"bits": bits, "group_size": group_size, "layers": len(modules)}, modules)

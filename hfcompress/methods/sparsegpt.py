@@ -52,6 +52,16 @@ class SparseGPTConfig(PruningConfig):
                                      f"pattern {self.pattern}")
 
 
+def without_dead_channels(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies of weight (out, in) and Hessian (in, in) where input channels that never fire (zero Hessian
+    diagonal) get a unit diagonal and zero weights, as in the authors' code, so that H can be inverted."""
+    weight, hessian = weight.clone().float(), hessian.clone().float()
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    return weight, hessian
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) for the dampened Hessian (in, in), in fp32. When the
     factorization fails (H not positive definite in fp32) the dampening grows tenfold, up to three times."""
@@ -76,12 +86,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
                     block_size: int = 128, damp: float = 0.01,
                     per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune weight (out, in) with error compensation; return (keep mask, updated weight), both (out, in)."""
-    weight = weight.clone().float()
-    hessian = hessian.clone().float()
+    weight, hessian = without_dead_channels(weight, hessian)
     rows, columns = weight.shape
-    dead = hessian.diagonal() == 0
-    hessian[dead, dead] = 1
-    weight[:, dead] = 0
     factor = inverse_hessian_factor(hessian, damp)                       # (in, in), upper triangular
     keep = torch.ones_like(weight, dtype=torch.bool)
     drops = block_drop_counts(columns, block_size, sparsity)
