@@ -50,8 +50,11 @@ def _compatibility(metadata: dict[str, Any]) -> str:
         return "needs `trust_remote_code=True` (a small modeling file in this repo); or `hfcompress.load`."
     if needs["format"] == "compressed-tensors":
         bits = sorted({entry["bits"] for entry in structure_of(metadata).of_kind("quantized").values()})
+        from .formats.compressed_tensors import kernel_warning
+
+        warning = kernel_warning(set(bits))
         runtimes = (" vLLM's compressed-tensors support covers symmetric 4- and 8-bit groups (not tested by "
-                    "hfcompress)." if set(bits) <= {4, 8} else "")
+                    "hfcompress)." if warning is None else f" Note: {warning}.")
         return (f"plain transformers `from_pretrained` after `pip install {_pip(needs['packages'])}`: the "
                 f"compressed-tensors pack-quantized format ({'/'.join(map(str, bits))}-bit integers with one scale "
                 "per group). Without the package, loading stops with the pip command." + runtimes)

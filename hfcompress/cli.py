@@ -5,6 +5,7 @@
     hfcompress eval out/smollm2-wanda
     hfcompress push out/smollm2-wanda --to me/smollm2-wanda --private
     hfcompress card out/smollm2-wanda
+    hfcompress importance builtin:smollm2-135m --score lim --plot importance.png
     hfcompress methods
 """
 
@@ -110,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("folder")
     card.add_argument("--repo-id", help="repo id to show in the usage snippet")
 
+    imp = sub.add_parser("importance", help="rank a model's blocks by importance and plot the scores (PNG)",
+                         description="Score every transformer block as layerwise_quant does (higher = more "
+                                     "important), print the ranking and write a bar chart.")
+    imp.add_argument("model")
+    imp.add_argument("--score", default="lim", help="`lim` (calibration data), `zd` (no data), `random`, `reverse`")
+    imp.add_argument("--zd-direction", default="low", help="with --score zd: `low` or `high` share of large weights "
+                                                           "marks an important block")
+    imp.add_argument("--shuffle-seed", type=int, default=0, help="seed of --score random")
+    imp.add_argument("--plot", default="importance.png", help="where to write the bar chart ('' for none)")
+    _add_section_flags(imp, ("model", "calibration"))
+
     sub.add_parser("methods", help="list the registered methods")
     return parser
 
@@ -167,6 +179,20 @@ def _run(args: argparse.Namespace) -> None:
         metrics = evaluate_model(from_values(ModelSpec, {"id": args.model, **model}, "model"),
                                  from_values(EvaluationSpec, evaluation, "evaluation"))
         print(json.dumps(metrics, indent=2))
+    elif args.command == "importance":
+        from .importance import plot_importance, rank_blocks, ranking_table
+
+        values = vars(args)
+        model = {k.split(".")[1]: v for k, v in values.items() if k.startswith("model.")}
+        calibration = {k.split(".")[1]: v for k, v in values.items() if k.startswith("calibration.")}
+        scores = rank_blocks(from_values(ModelSpec, {"id": args.model, **model}, "model"), args.score,
+                             from_values(CalibrationSpec, calibration, "calibration"),
+                             zd_direction=args.zd_direction, shuffle_seed=args.shuffle_seed)
+        print(ranking_table(scores))
+        if args.plot and plot_importance(scores, args.plot, args.score):
+            print(f"wrote {args.plot}")
+        elif args.plot:
+            print("no plot: pip install 'hfcompress[plots]' to draw it", file=sys.stderr)
     elif args.command == "push":
         from .hub import push
 

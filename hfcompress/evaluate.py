@@ -81,6 +81,20 @@ def block_linear_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
+def nominal_bits(model: nn.Module, structure: Structure | None, dtype: torch.dtype | None = None) -> float:
+    """Bits per weight of the block Linear weights as their format names them (a quantized layer's bit-width, else
+    the bits of `dtype` or of the weight's own dtype), scales excluded: what `avg_bits` counts."""
+    quantized = structure.of_kind("quantized") if structure else {}
+    bits = total = 0
+    for prefix, block in named_blocks(model):
+        for name, layer in find_linears(block, prefix=prefix).items():
+            weight = weight_matrix(layer)
+            width = quantized[name]["bits"] if name in quantized else 8 * (dtype or weight.dtype).itemsize
+            bits += width * weight.numel()
+            total += weight.numel()
+    return bits / total if total else 0.0
+
+
 def stored_bytes(model: nn.Module, structure: Structure | None = None, dtype: torch.dtype | None = None) -> int:
     """Bytes of tensor data the writer chosen for `structure` stores (file headers aside): every state-dict tensor
     once (tied weights share storage), floating ones in `dtype` when given; a quantized layer's weight as the
@@ -88,9 +102,10 @@ def stored_bytes(model: nn.Module, structure: Structure | None = None, dtype: to
     quantized = structure.of_kind("quantized") if structure else {}
     packed = {f"{name}.weight": entry for name, entry in quantized.items()}
     seen, total = set(), 0
+    ties = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.device.type != "meta" else name
-        if key in seen:
+        if key in seen or name in ties:  # the second name of a tied weight (meta tensors share no data pointer)
             continue
         seen.add(key)
         element = dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.element_size()
@@ -172,16 +187,19 @@ def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.devi
 
 
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,
-            structure: Structure | None = None, sparsity: bool = False, speed: bool = True, desc: str = "",
-            storage_dtype: torch.dtype | None = None) -> dict[str, Any]:
+            structure: Structure | None = None, sparsity: bool = False, quantized: bool = False, speed: bool = True,
+            desc: str = "", storage_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Every number of the before/after table: size and bits as the writer for `structure` stores the model
-    (floating tensors in `storage_dtype`), sparsity when `sparsity` (only where something is pruned), perplexity
+    (floating tensors in `storage_dtype`), sparsity when `sparsity` (only where something is pruned), the nominal
+    bits of the block Linear weights when `quantized` (only where something is quantized), perplexity
     and tokens/s of the model in memory (which equals the model as it loads: the tests check it)."""
     parameters = parameter_count(model)
     metrics: dict[str, Any] = {"parameters": parameters,
                                **size_metrics(stored_bytes(model, structure, storage_dtype), parameters)}
     if sparsity:
         metrics["sparsity"] = round(block_linear_sparsity(model), 6)
+    if quantized:
+        metrics["nominal_bits"] = round(nominal_bits(model, structure, storage_dtype), 4)
     if family == "causal-lm" and windows is not None:
         with on_device(model, device) as streamed:
             metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())
@@ -195,6 +213,7 @@ TABLE_ROWS = [
     ("size_bytes", "size (MB)", lambda v: f"{v / 1e6:.1f}"),
     ("parameters", "parameters (M)", lambda v: f"{v / 1e6:.2f}"),
     ("sparsity", "sparsity (block Linear weights)", "{:.1%}"),
+    ("nominal_bits", "nominal bits (block Linear weights)", "{:.2f}"),
     ("bits_per_weight", "bits per weight", "{:.2f}"),
     ("prefill_tokens_per_s", "prefill tokens/s", "{:.0f}"),
     ("decode_tokens_per_s", "decode tokens/s", "{:.1f}"),

@@ -21,16 +21,19 @@ from .context import Context, Progress
 from .errors import InvalidOptionError, UnsupportedModelError, choices
 from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
 from .formats import read_metadata, save_model, staged_folder, structure_of, write_metadata, writer_name
+from .formats.compressed_tensors import kernel_warning
 from .hub import check_push_target, check_token, push
 from .loading import ResolvedModel, load_model, load_tokenizer, model_skeleton, pick_device, resolve
 from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict
-from .plots import have_matplotlib, sparsity_map
+from .plots import block_bars, have_matplotlib, sparsity_map
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
+from .sequential import named_blocks
 from .structure import Structure
 
 SPARSITY_MAP = "sparsity_map.png"
+BLOCK_BITS, BLOCK_IMPORTANCE = "block_bits.png", "block_importance.png"
 
 
 @dataclass
@@ -90,6 +93,8 @@ def plan(resolved: ResolvedModel, recipe: Recipe, source: Structure | None = Non
     planned = Structure.from_dict(source.to_dict()) if source else Structure()
     if any(spec.check for spec in specs):
         skeleton = model_skeleton(resolved)
+        if resolved.dtype is not None:  # the dtype the weights will be stored in, for checks that count bytes
+            skeleton = skeleton.to(resolved.dtype)
         for spec, step in zip(specs, recipe.steps, strict=True):
             planned_change = spec.check(skeleton, step) if spec.check else None
             if isinstance(planned_change, Report):  # a structural step: it edited the skeleton and says how
@@ -185,6 +190,10 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     if recipe.output.push_to:  # e.g. builtin:smollm2-135m is HuggingFaceTB/SmolLM2-135M-Instruct on the Hub
         check_push_target(recipe.output.push_to, resolved.base_model)
         check_token(token)
+    levels = {bits for step in recipe.steps if get_method(type(step).method).changes == "quantized"
+              for bits in (*getattr(step, "bits", ()), *getattr(step, "layer_bits", ()))}
+    if kernel_warning(levels):
+        log(f"warning: {kernel_warning(levels)}")
     recipe = resolve_defaults(recipe, resolved, device)
     run = Context(device=device, progress=progress, cancel=cancel)
     tokenizer = load_tokenizer(resolved)
@@ -205,10 +214,12 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     # Saved in the checkpoint's own dtype (a bf16 model computed in fp32 on a CPU is stored in bf16 again).
     storage_dtype = resolved.dtype or model.dtype
     pruned = "sparse" in planned.kinds or any(get_method(type(s).method).changes == "sparse" for s in recipe.steps)
+    quantizes = "quantized" in planned.kinds
     run.check_cancelled()
     run.report(0.02, "measuring the model before compression")
-    before = (measure(model, resolved.family, device, windows, sparsity=pruned, speed=ev.speed, desc="before",
-                      storage_dtype=storage_dtype) if ev.enabled else {})
+    before = (measure(model, resolved.family, device, windows, structure=source, sparsity=pruned,
+                      quantized=quantizes, speed=ev.speed, desc="before", storage_dtype=storage_dtype)
+              if ev.enabled else {})
 
     reports, steps_meta, structure = [], [], source
     for index, step in enumerate(recipe.steps):
@@ -227,8 +238,9 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     run.check_cancelled()
     run.report(0.9, "measuring the compressed model")
     pruned = pruned or "sparse" in structure.kinds
-    after = (measure(model, resolved.family, device, windows, structure=structure, sparsity=pruned, speed=ev.speed,
-                     desc="after", storage_dtype=storage_dtype) if ev.enabled else {})
+    after = (measure(model, resolved.family, device, windows, structure=structure, sparsity=pruned,
+                     quantized=quantizes or "quantized" in structure.kinds, speed=ev.speed, desc="after",
+                     storage_dtype=storage_dtype) if ev.enabled else {})
 
     dtypes = {"compute": str(model.dtype).removeprefix("torch."), "saved": str(storage_dtype).removeprefix("torch.")}
     metadata = build_metadata(recipe, resolved, calibration=calibration, device=device, steps=steps_meta,
@@ -268,6 +280,29 @@ def _save(result: Result, recipe: Recipe, storage_dtype: torch.dtype, log: Calla
                 log("no sparsity map in the card: pip install 'hfcompress[plots]' to draw it")
             elif sparsity_map(result.model, staging / SPARSITY_MAP):
                 metadata["plots"] = {"sparsity_map": SPARSITY_MAP}
+        metadata.setdefault("plots", {}).update(_block_plots(result, staging, log))
+        if not metadata["plots"]:
+            del metadata["plots"]
         write_metadata(staging, metadata)
         (staging / "README.md").write_text(render_card(metadata), encoding="utf-8")
     result.folder = out_dir
+
+
+def _block_plots(result: Result, folder: Any, log: Callable[[str], None]) -> dict[str, str]:
+    """PNGs of the bits per block and the importance scores a step allocated them with (file name by plot)."""
+    blocks = [name for name, _ in named_blocks(result.model)]
+    plots = {}
+    for report in result.reports:
+        if "block_bits" not in report.stats:
+            continue
+        if not have_matplotlib():
+            log("no bits-per-block chart in the card: pip install 'hfcompress[plots]' to draw it")
+            break
+        block_bars(dict(zip(blocks, report.stats["block_bits"], strict=True)), folder / BLOCK_BITS,
+                   f"bits per block ({report.method})", "bits", from_zero=True)
+        plots["block_bits"] = BLOCK_BITS
+        if report.stats.get("importance"):
+            block_bars(report.stats["importance"], folder / BLOCK_IMPORTANCE,
+                       "block importance (higher = more important)", "score")
+            plots["block_importance"] = BLOCK_IMPORTANCE
+    return plots

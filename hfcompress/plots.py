@@ -28,6 +28,36 @@ def measured_sparsity(model: nn.Module) -> dict[tuple[str, str], float]:
     return result
 
 
+def _short_block_names(blocks: list[str]) -> list[str]:
+    """`model.layers.7` -> `7` when all blocks share one stack, else the full names."""
+    if len({b.rsplit(".", 1)[0] for b in blocks}) == 1:
+        return [re.sub(r"^.*?\.(\d+)$", r"\1", b) for b in blocks]
+    return blocks
+
+
+def block_bars(values: dict[str, float], path: str | Path, title: str, ylabel: str, from_zero: bool = False) -> None:
+    """Bar chart of one number per block (importance scores, bits per block), blocks in model order; bars rise
+    from zero when `from_zero`, else from just below the smallest value (scores that differ in the third digit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = list(values)
+    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.25 * len(blocks)), 3.2))
+    low, high = min(values.values()), max(values.values())
+    base = 0.0 if from_zero else low - 0.1 * (high - low or 1)
+    ax.bar(range(len(blocks)), [v - base for v in values.values()], bottom=base, color="#4c72b0")
+    step = max(1, len(blocks) // 32)
+    ax.set_xticks(range(0, len(blocks), step), _short_block_names(blocks)[::step])
+    ax.set_xlabel("block")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def sparsity_map(model: nn.Module, path: str | Path, title: str = "measured sparsity per layer") -> bool:
     """Heat map, blocks x layers, of the share of zero weights; returns False when there is nothing to draw."""
     values = measured_sparsity(model)
@@ -45,8 +75,7 @@ def sparsity_map(model: nn.Module, path: str | Path, title: str = "measured spar
         grid[layers.index(layer), blocks.index(block)] = value
     fig, ax = plt.subplots(figsize=(min(14, 2 + 0.3 * len(blocks)), 1 + 0.35 * len(layers)))
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    short = [re.sub(r"^.*?\.(\d+)$", r"\1", b) if len({b.rsplit(".", 1)[0] for b in blocks}) == 1 else b
-             for b in blocks]
+    short = _short_block_names(blocks)
     step = max(1, len(blocks) // 16)
     ax.set_xticks(range(0, len(blocks), step), short[::step], rotation=90 if len(blocks) > 40 else 0)
     ax.set_yticks(range(len(layers)), layers)

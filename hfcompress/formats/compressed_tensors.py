@@ -25,6 +25,17 @@ from ..quantization import layer_integers
 from .dense import storage_state_dict, write
 
 PACKAGE = "compressed-tensors"
+SERVED_BITS = (4, 8)  # vLLM's compressed-tensors integer kernels (W4A16, W8A16); ONNX Runtime's MatMulNBits: 4
+
+
+def kernel_warning(bit_widths: set[int]) -> str | None:
+    """Why some of these bit-widths will not run fast outside transformers, or None when all of them do."""
+    others = sorted(set(bit_widths) - set(SERVED_BITS))
+    if not others:
+        return None
+    return (f"{'/'.join(map(str, others))}-bit layers have no vLLM kernel (vLLM serves 4- and 8-bit integer groups) "
+            "and no ONNX Runtime kernel on most providers (MatMulNBits is 4-bit; 2 and 8 on some); the model loads "
+            "in transformers, which dequantizes the weights")
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ matrix product). A group's scale is taken from its weights as updated when the l
 `act_order: true` visits columns by decreasing Hessian diagonal (the most active inputs first); the scales are then
 fixed from the original weights before the loop, as the authors' static groups do, so that every group still holds
 consecutive columns. Dead input channels (zero Hessian diagonal) get a unit diagonal and zero weights, as in the
-authors' code. Blocks are processed in order, each block's inputs coming from the already-quantized blocks before it.
+authors' code. Weights that are exactly zero (a pruned model) quantize to zero whatever the updates brought them,
+their error going to the columns left like any other, so quantizing after pruning keeps the mask. Blocks are processed
+in order, each block's inputs coming from the already-quantized blocks before it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         scale = torch.zeros(rows, columns // group_size, device=weight.device)
         order = torch.arange(columns, device=weight.device)
     weight, hessian = weight[:, order], hessian[order][:, order]
+    pruned = weight == 0                                                     # (out, in): zeros stay zeros
     factor = inverse_hessian_factor(hessian, damp)                           # (in, in), upper triangular
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     q = torch.zeros_like(weight)
@@ -87,7 +90,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                 span = torch.cat([w[:, column:], weight[:, end:]], dim=1)[:, :group_size]
                 scale[:, group] = symmetric_scales(span, bits, group_size, dtype)[:, 0]
             s = scale[:, group]
-            q[:, index] = torch.round(w[:, column] / s).clamp_(low, high)
+            q[:, index] = torch.round(w[:, column] / s).clamp_(low, high).masked_fill_(pruned[:, index], 0)
             error = (w[:, column] - q[:, index] * s) / factor[index, index]  # (out,)
             w[:, column:] -= error.unsqueeze(1) * factor[index, index:end].unsqueeze(0)
             errors[:, column] = error

@@ -17,20 +17,27 @@ Scores (higher = more important):
 Allocation: the bit-widths follow the importance order (a more important block never gets fewer bits), and among
 such assignments the one with the largest average that is at most `avg_bits` is chosen (ties: fewer blocks at the
 lowest levels); averages count blocks, as in the paper (4/2 at 3.5 puts three quarters of the blocks at 4 bits).
+With `target_size` instead, the measure is the size of the weight files as the compressed-tensors writer stores
+them (packed integers, scales, and every tensor left unquantized: embeddings, norms, biases), and the allocation
+is the largest one at or under the target. The sizes reachable with the levels are known from the shapes alone,
+so a target outside them is refused before any weight is loaded.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..context import Context
 from ..errors import InvalidOptionError
+from ..evaluate import stored_bytes
+from ..formats.compressed_tensors import stored_layer_bytes
 from ..options import option
 from ..quantization import QuantizationConfig, quantization_check, quantization_targets, resolve_group_size
 from ..registry import Report, register
@@ -40,6 +47,17 @@ from .gptq import gptq_blocks
 from .rtn import rtn_layers
 
 SCORES = ("lim", "zd", "random", "reverse")
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+HEADER_BYTES_PER_TENSOR = 160  # safetensors header entry (name, dtype, shape, offsets), a generous estimate
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as `100MB` (10^6), `95MiB` (2^20), `1.5GB` or `123456`."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in UNITS:
+        raise InvalidOptionError(f"target_size {text!r} is not a size; write e.g. `100MB`, `95MiB` or `1.5GB` "
+                                 f"(units: {', '.join(u for u in UNITS if u)})")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,9 @@ class LayerwiseQuantConfig(QuantizationConfig):
     bits: tuple[int, ...] = option((4, 2), "bit-width levels, high to low (two or more, e.g. `4,2` or `8,4,2`)")
     avg_bits: float | None = option(None, "average bit-width over the blocks, between the lowest and highest level "
                                           "(e.g. 3.5 with 4,2: three quarters of the blocks at 4 bits)")
+    target_size: str | None = option(None, "size of the weight files to land at or just under (e.g. `100MB`, "
+                                           "`95MiB`), instead of avg_bits: true bytes, scales and unquantized "
+                                           "embeddings included")
     score: str = option("lim", "block importance: `lim` (input/output cosine on calibration data), `zd` (weight "
                                "z-scores, no data), `random`, `reverse` (LIM reversed)", choices=SCORES)
     zd_direction: str = option("low", "with score zd: whether a `low` or a `high` share of large weights marks an "
@@ -67,34 +88,43 @@ class LayerwiseQuantConfig(QuantizationConfig):
         if len(self.bits) < 2:
             raise InvalidOptionError(f"layerwise_quant needs two or more bit levels (e.g. --bits 4,2), got "
                                      f"{list(self.bits)}; for one bit-width use rtn or gptq")
-        if self.avg_bits is None:
-            raise InvalidOptionError("give --avg-bits (the average bit-width over the blocks) or --layer-bits")
-        if not min(self.bits) <= self.avg_bits <= max(self.bits):
+        if (self.avg_bits is None) == (self.target_size is None):
+            raise InvalidOptionError("give one of --avg-bits (the average bit-width over the blocks) or "
+                                     "--target-size (the size of the weight files), or --layer-bits")
+        if self.target_size is not None:
+            parse_size(self.target_size)
+        elif not min(self.bits) <= self.avg_bits <= max(self.bits):
             raise InvalidOptionError(f"avg_bits {self.avg_bits} is outside the levels' range "
                                      f"[{min(self.bits)}, {max(self.bits)}]")
 
 
-def allocate_bits(importance: list[float], levels: tuple[int, ...], avg_bits: float) -> list[int]:
+def mean_bits(bits: list[int]) -> float:
+    return sum(bits) / len(bits)
+
+
+def allocate_bits(importance: list[float], levels: tuple[int, ...], budget: float,
+                  cost: Callable[[list[int]], float] = mean_bits) -> list[int]:
     """Bit-width per block: monotone in `importance` (more important, at least as many bits), with the largest
-    average <= avg_bits; among equal averages, the fewest blocks at the lowest levels."""
+    cost(bits) <= budget (cost: the average bit-width, or the stored bytes); among equal costs, the fewest blocks
+    at the lowest levels. Every monotone assignment is one split of the importance order into runs per level."""
     blocks = len(importance)
     order = sorted(range(blocks), key=lambda i: (importance[i], i))       # least important first
     best, best_key = None, None
     for cuts in itertools.combinations_with_replacement(range(blocks + 1), len(levels) - 1):
         counts = [b - a for a, b in zip((0, *cuts), (*cuts, blocks), strict=True)]   # blocks per level, low first
-        average = sum(n * bits for n, bits in zip(counts, sorted(levels), strict=True)) / blocks
-        if average > avg_bits + 1e-9:
+        bits = [0] * blocks
+        for level, start, end in zip(sorted(levels), (0, *cuts), (*cuts, blocks), strict=True):
+            for index in order[start:end]:
+                bits[index] = level
+        value = cost(bits)
+        if value > budget + 1e-9:
             continue
-        key = (round(average, 9), [-n for n in counts])
+        key = (round(value, 9), [-n for n in counts])
         if best_key is None or key > best_key:
-            best, best_key = counts, key
-    bits = [0] * blocks
-    position = 0
-    for count, level in zip(best, sorted(levels), strict=True):
-        for index in order[position:position + count]:
-            bits[index] = level
-        position += count
-    return bits
+            best, best_key = bits, key
+    if best is None:
+        raise InvalidOptionError(f"no assignment of the levels {list(levels)} reaches {budget}")
+    return best
 
 
 def zd_score(block: nn.Module, direction: str) -> float:
@@ -104,14 +134,15 @@ def zd_score(block: nn.Module, direction: str) -> float:
     return -share if direction == "low" else share
 
 
-def block_importance(model: nn.Module, config: LayerwiseQuantConfig, context: Context) -> dict[str, float]:
-    """Block name -> importance (higher = more important) for `config.score`."""
+def block_importance(model: nn.Module, score: str, context: Context, *, zd_direction: str = "low",
+                     shuffle_seed: int = 0) -> dict[str, float]:
+    """Block name -> importance (higher = more important) under `score` (one of SCORES)."""
     names = [name for name, _ in named_blocks(model)]
-    if config.score == "zd":
-        return {name: zd_score(block, config.zd_direction) for name, block in named_blocks(model)}
-    if config.score == "random":
+    if score == "zd":
+        return {name: zd_score(block, zd_direction) for name, block in named_blocks(model)}
+    if score == "random":
         ranks = list(range(len(names)))
-        random.Random(config.shuffle_seed).shuffle(ranks)
+        random.Random(shuffle_seed).shuffle(ranks)
         return {name: float(rank) for name, rank in zip(names, ranks, strict=True)}
     lim: dict[str, float] = {}
 
@@ -120,25 +151,71 @@ def block_importance(model: nn.Module, config: LayerwiseQuantConfig, context: Co
         inputs = [hidden_states_of(args, kwargs) for args, kwargs in step.inputs]
         lim[step.name] = -mean_cosine(zip(inputs, outputs, strict=True))
 
-    context.run_blocks(model, process, sequential=False, desc="layerwise_quant: importance")
-    return {name: -score for name, score in lim.items()} if config.score == "reverse" else lim
+    context.run_blocks(model, process, sequential=False, desc=f"importance ({score})")
+    return {name: -value for name, value in lim.items()} if score == "reverse" else lim
+
+
+def size_model(model: nn.Module, config: LayerwiseQuantConfig,
+               dtype: torch.dtype | None) -> tuple[int, dict[str, dict[int, int]]]:
+    """(bytes of everything not quantized, headers included; block name -> {bits: bytes of its quantized layers})
+    for the weight files, from the shapes alone (works on a weightless model). Floating tensors in `dtype`."""
+    layers = quantization_targets(model, config)
+    group_size = resolve_group_size({weight_matrix(layer).shape[1] for layer in layers.values()}, config.group_size)
+    element = (dtype or next(iter(layers.values())).weight.dtype).itemsize
+    tensors = len(model.state_dict()) + 2 * len(layers)       # a quantized weight is stored as three tensors
+    fixed = stored_bytes(model, None, dtype) + HEADER_BYTES_PER_TENSOR * tensors
+    per_block: dict[str, dict[int, int]] = {}
+    for name, layer in layers.items():
+        rows, columns = weight_matrix(layer).shape
+        fixed -= rows * columns * element
+        block = next(prefix for prefix, _ in named_blocks(model) if name.startswith(prefix + "."))
+        for bits in {*config.bits, *config.layer_bits}:
+            entry = per_block.setdefault(block, {})
+            entry[bits] = entry.get(bits, 0) + stored_layer_bytes(rows, columns, bits, group_size, element)
+    return fixed, per_block
+
+
+def size_cost(fixed: int, per_block: dict[str, dict[int, int]], names: list[str]) -> Callable[[list[int]], float]:
+    """cost(bits per block, in the order of `names`) = stored bytes of the weight files."""
+    return lambda bits: fixed + sum(per_block[name][b] for name, b in zip(names, bits, strict=True)
+                                    if name in per_block)
 
 
 def block_bits(model: nn.Module, config: LayerwiseQuantConfig, context: Context) -> tuple[dict[str, int], dict]:
-    """(block name -> bit-width, block name -> importance score or None)."""
+    """(block name -> bit-width, block name -> importance score or {})."""
     names = [name for name, _ in named_blocks(model)]
     if config.layer_bits:
         return dict(zip(names, config.layer_bits, strict=True)), {}
-    importance = block_importance(model, config, context)
-    bits = allocate_bits([importance[name] for name in names], config.bits, config.avg_bits)
+    importance = block_importance(model, config.score, context, zd_direction=config.zd_direction,
+                                  shuffle_seed=config.shuffle_seed)
+    scores = [importance[name] for name in names]
+    if config.target_size is None:
+        bits = allocate_bits(scores, config.bits, config.avg_bits)
+    else:
+        fixed, per_block = size_model(model, config, context.storage_dtype)
+        bits = allocate_bits(scores, config.bits, parse_size(config.target_size), size_cost(fixed, per_block, names))
     return dict(zip(names, bits, strict=True)), importance
 
 
 def layerwise_check(model: nn.Module, config: LayerwiseQuantConfig) -> list[str]:
-    blocks = len(list(named_blocks(model)))
-    if config.layer_bits and len(config.layer_bits) != blocks:
-        raise InvalidOptionError(f"layer_bits has {len(config.layer_bits)} entries; the model has {blocks} blocks")
-    return quantization_check(model, config)
+    """Before loading: the block count for layer_bits, and a target size within what the levels can reach (the
+    weightless model carries the dtype the weights are stored in)."""
+    names = [name for name, _ in named_blocks(model)]
+    if config.layer_bits and len(config.layer_bits) != len(names):
+        raise InvalidOptionError(f"layer_bits has {len(config.layer_bits)} entries; the model has {len(names)} "
+                                 "blocks")
+    layers = quantization_check(model, config)
+    if config.target_size is not None:
+        cost = size_cost(*size_model(model, config, None), names)
+        target, low, high = parse_size(config.target_size), cost([min(config.bits)] * len(names)), \
+            cost([max(config.bits)] * len(names))
+        if not low <= target <= high:
+            raise InvalidOptionError(f"target_size {config.target_size} ({target / 1e6:.3f} MB) is outside what the "
+                                     f"levels {list(config.bits)} reach: {low / 1e6:.3f} MB (every block at "
+                                     f"{min(config.bits)} bits) to {high / 1e6:.3f} MB (every block at "
+                                     f"{max(config.bits)} bits), unquantized tensors such as the embeddings "
+                                     "included")
+    return layers
 
 
 @register(LayerwiseQuantConfig, paper="https://arxiv.org/abs/2406.17415", needs_calibration=True,
@@ -156,6 +233,10 @@ def layerwise_quant(model: nn.Module, config: LayerwiseQuantConfig, context: Con
         modules = rtn_layers(layers, layer_bits, group_size, storage, context)
     quantized_blocks = {prefix for prefix in bits for name in layer_bits if name.startswith(prefix + ".")}
     nominal = sum(bits[prefix] for prefix in quantized_blocks) / len(quantized_blocks)
-    return Report("layerwise_quant", {"avg_bits_nominal": round(nominal, 4), "group_size": group_size,
-                                      "layers": len(modules), "block_bits": list(bits.values()),
-                                      "importance": {k: round(v, 6) for k, v in importance.items()}}, modules)
+    stats = {"avg_bits_nominal": round(nominal, 4), "group_size": group_size, "layers": len(modules),
+             "block_bits": list(bits.values()), "importance": {k: round(v, 6) for k, v in importance.items()}}
+    if config.target_size is not None:
+        fixed, per_block = size_model(model, config, storage)
+        names = list(bits)
+        stats["planned_bytes"] = int(size_cost(fixed, per_block, names)([bits[name] for name in names]))
+    return Report("layerwise_quant", stats, modules)
