@@ -13,9 +13,11 @@ from .calibration import load_calibration
 from .context import Context
 from .errors import InvalidOptionError, UnsupportedModelError, choices
 from .loading import load_model, load_tokenizer, model_skeleton, pick_device, resolve
-from .methods.layerwise_quant import SCORES, block_importance
+from .methods.layerwise_quant import LayerwiseQuantConfig, block_importance
+from .options import option_choices
 from .plots import block_bars, have_matplotlib
 from .recipe import CalibrationSpec, ModelSpec, Recipe
+from .registry import get_method
 from .sequential import block_stacks
 
 NEEDS_DATA = ("lim", "reverse")
@@ -27,14 +29,16 @@ def rank_blocks(model: ModelSpec, score: str, calibration: CalibrationSpec | Non
     blocks found on a weightless copy, before any weight or calibration text is loaded."""
     from .pipeline import resolve_defaults
 
-    if score not in SCORES:
-        raise InvalidOptionError(f"score {score!r} is not valid; valid: {choices(SCORES)}")
-    if zd_direction not in ("low", "high"):
-        raise InvalidOptionError(f"zd_direction {zd_direction!r} is not valid; valid: `low`, `high`")
+    for name, value in (("score", score), ("zd_direction", zd_direction)):
+        allowed = option_choices(LayerwiseQuantConfig, name)
+        if value not in allowed:
+            raise InvalidOptionError(f"{name} {value!r} is not valid; valid: {choices(allowed)}")
     device = pick_device(model.device)
     resolved = resolve(model.id, revision=model.revision, trust_remote_code=model.trust_remote_code, token=token)
-    if resolved.family not in ("causal-lm", "encoder"):
-        raise UnsupportedModelError(f"importance scores blocks of language models; {model.id!r} is {resolved.family}")
+    supports = get_method(LayerwiseQuantConfig.method).supports
+    if resolved.family not in supports:
+        raise UnsupportedModelError(f"importance scores the blocks of {choices(supports)} models; {model.id!r} is "
+                                    f"{resolved.family}")
     block_stacks(model_skeleton(resolved))
     context = Context(device=device)
     if score in NEEDS_DATA:

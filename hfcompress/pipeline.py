@@ -192,8 +192,9 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
         check_token(token)
     levels = {bits for step in recipe.steps if get_method(type(step).method).changes == "quantized"
               for bits in (*getattr(step, "bits", ()), *getattr(step, "layer_bits", ()))}
-    if kernel_warning(levels):
-        log(f"warning: {kernel_warning(levels)}")
+    warning = kernel_warning(levels)
+    if warning:
+        log(f"warning: {warning}")
     recipe = resolve_defaults(recipe, resolved, device)
     run = Context(device=device, progress=progress, cancel=cancel)
     tokenizer = load_tokenizer(resolved)
@@ -275,14 +276,15 @@ def _save(result: Result, recipe: Recipe, storage_dtype: torch.dtype, log: Calla
         metadata["loading"] = save_model(result.model, result.tokenizer, staging, result.structure, storage_dtype)
         if result.after:  # the real size on disk, not an estimate
             result.after.update(size_metrics(folder_weights_bytes(staging), result.after["parameters"]))
+        plots = {}
         if "sparse" in result.structure.kinds:
             if not have_matplotlib():
                 log("no sparsity map in the card: pip install 'hfcompress[plots]' to draw it")
             elif sparsity_map(result.model, staging / SPARSITY_MAP):
-                metadata["plots"] = {"sparsity_map": SPARSITY_MAP}
-        metadata.setdefault("plots", {}).update(_block_plots(result, staging, log))
-        if not metadata["plots"]:
-            del metadata["plots"]
+                plots["sparsity_map"] = SPARSITY_MAP
+        plots.update(_block_plots(result, staging, log))
+        if plots:
+            metadata["plots"] = plots
         write_metadata(staging, metadata)
         (staging / "README.md").write_text(render_card(metadata), encoding="utf-8")
     result.folder = out_dir

@@ -164,14 +164,12 @@ def size_model(model: nn.Module, config: LayerwiseQuantConfig,
     element = (dtype or next(iter(layers.values())).weight.dtype).itemsize
     tensors = len(model.state_dict()) + 2 * len(layers)       # a quantized weight is stored as three tensors
     fixed = stored_bytes(model, None, dtype) + HEADER_BYTES_PER_TENSOR * tensors
-    per_block: dict[str, dict[int, int]] = {}
-    for name, layer in layers.items():
-        rows, columns = weight_matrix(layer).shape
-        fixed -= rows * columns * element
-        block = next(prefix for prefix, _ in named_blocks(model) if name.startswith(prefix + "."))
-        for bits in {*config.bits, *config.layer_bits}:
-            entry = per_block.setdefault(block, {})
-            entry[bits] = entry.get(bits, 0) + stored_layer_bytes(rows, columns, bits, group_size, element)
+    fixed -= sum(weight_matrix(layer).numel() for layer in layers.values()) * element
+    shapes = {prefix: [weight_matrix(layer).shape for name, layer in layers.items() if name.startswith(prefix + ".")]
+              for prefix, _ in named_blocks(model)}
+    per_block = {prefix: {bits: sum(stored_layer_bytes(*shape, bits, group_size, element) for shape in block)
+                          for bits in {*config.bits, *config.layer_bits}}
+                 for prefix, block in shapes.items() if block}
     return fixed, per_block
 
 
@@ -181,8 +179,10 @@ def size_cost(fixed: int, per_block: dict[str, dict[int, int]], names: list[str]
                                     if name in per_block)
 
 
-def block_bits(model: nn.Module, config: LayerwiseQuantConfig, context: Context) -> tuple[dict[str, int], dict]:
-    """(block name -> bit-width, block name -> importance score or {})."""
+def block_bits(model: nn.Module, config: LayerwiseQuantConfig, context: Context,
+               size: Callable[[list[int]], float] | None = None) -> tuple[dict[str, int], dict]:
+    """(block name -> bit-width, block name -> importance score or {}); `size` (bytes of the weight files for bits
+    per block) is the measure when `config.target_size` is given."""
     names = [name for name, _ in named_blocks(model)]
     if config.layer_bits:
         return dict(zip(names, config.layer_bits, strict=True)), {}
@@ -192,8 +192,7 @@ def block_bits(model: nn.Module, config: LayerwiseQuantConfig, context: Context)
     if config.target_size is None:
         bits = allocate_bits(scores, config.bits, config.avg_bits)
     else:
-        fixed, per_block = size_model(model, config, context.storage_dtype)
-        bits = allocate_bits(scores, config.bits, parse_size(config.target_size), size_cost(fixed, per_block, names))
+        bits = allocate_bits(scores, config.bits, parse_size(config.target_size), size)
     return dict(zip(names, bits, strict=True)), importance
 
 
@@ -225,7 +224,9 @@ def layerwise_quant(model: nn.Module, config: LayerwiseQuantConfig, context: Con
     layers = quantization_targets(model, config)
     group_size = resolve_group_size({weight_matrix(layer).shape[1] for layer in layers.values()}, config.group_size)
     storage = context.storage_dtype or next(iter(layers.values())).weight.dtype
-    bits, importance = block_bits(model, config, context)
+    names = [name for name, _ in named_blocks(model)]
+    size = size_cost(*size_model(model, config, storage), names) if config.target_size is not None else None
+    bits, importance = block_bits(model, config, context, size)
     layer_bits = {name: bits[prefix] for prefix in bits for name in layers if name.startswith(prefix + ".")}
     if config.quantizer == "gptq":
         modules = gptq_blocks(model, layer_bits, group_size, storage, context)
@@ -235,8 +236,6 @@ def layerwise_quant(model: nn.Module, config: LayerwiseQuantConfig, context: Con
     nominal = sum(bits[prefix] for prefix in quantized_blocks) / len(quantized_blocks)
     stats = {"avg_bits_nominal": round(nominal, 4), "group_size": group_size, "layers": len(modules),
              "block_bits": list(bits.values()), "importance": {k: round(v, 6) for k, v in importance.items()}}
-    if config.target_size is not None:
-        fixed, per_block = size_model(model, config, storage)
-        names = list(bits)
-        stats["planned_bytes"] = int(size_cost(fixed, per_block, names)([bits[name] for name in names]))
+    if size is not None:
+        stats["planned_bytes"] = int(size([bits[name] for name in names]))
     return Report("layerwise_quant", stats, modules)
