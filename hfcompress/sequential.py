@@ -1,9 +1,10 @@
 """Layer-by-layer engine: compress a model one transformer block at a time.
 
-The model stays where it was loaded (CPU memory). We capture what the first block of a stack receives - hidden states
-plus every keyword argument (attention mask, position ids, rotary embeddings, ...) - with a forward pre-hook, then for
-each block: move it to the compute device, let the method observe and compress it, run it again to produce the
-inputs of the next block, and move it back. The embeddings and other parts outside the blocks visit the device only
+The model stays where it was loaded (CPU memory). We capture what the blocks of a stack receive - the first block's
+hidden states plus every block's keyword arguments (attention mask, position ids, rotary embeddings, ...; they may
+differ by layer type) - in one forward pass that computes no block, then for each block: move it to the compute
+device, let the method observe and compress it, run it again to produce the hidden states of the next block, and
+move it back. The embeddings and other parts outside the blocks visit the device only
 while the first block's inputs are captured. Peak device memory is one block plus the calibration activations, so a
 model larger than the GPU can be compressed on one GPU. Reusing the captured keyword arguments keeps the engine free
 of any architecture's forward signature.
@@ -112,10 +113,17 @@ class _StopForward(Exception):
 def onloaded_blocks(blocks: list[nn.Module], device: torch.device) -> Iterator[None]:
     """While active, each block moves to `device` just before it runs and back to where it was right after."""
     homes = {id(b): device_of(b) for b in blocks}
+
+    def arrive(module: nn.Module, args: tuple) -> None:   # a hook's return value would replace the inputs
+        module.to(device)
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:   # ... or the output
+        module.to(homes[id(module)])
+
     handles = []
     for block in blocks:
-        handles.append(block.register_forward_pre_hook(lambda m, a: m.to(device)))
-        handles.append(block.register_forward_hook(lambda m, a, o: m.to(homes[id(m)])))
+        handles.append(block.register_forward_pre_hook(arrive))
+        handles.append(block.register_forward_hook(leave))
     try:
         yield
     finally:
@@ -126,15 +134,41 @@ def onloaded_blocks(blocks: list[nn.Module], device: torch.device) -> Iterator[N
 @torch.no_grad()
 def capture_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor], device: torch.device) -> Inputs:
     """Run the model on each batch until `block` is reached; return what `block` received (on `device`)."""
-    captured: Inputs = []
+    return capture_stack_inputs(model, [block], batches, device)[0]
 
-    def grab(module, args, kwargs):
-        kwargs = move(kwargs, device)
-        captured.append((move(args, device), shared_with(kwargs, captured[0][1]) if captured else kwargs))
-        raise _StopForward
+
+@torch.no_grad()
+def capture_stack_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor],
+                         device: torch.device) -> list[Inputs]:
+    """What each of `blocks` (consecutive blocks of one stack) receives per batch, on `device`, in one forward pass
+    per batch that computes none of them: every block records its inputs and hands its hidden states on unchanged,
+    and the last one stops the forward. The first block's inputs are complete; for the others the hidden states
+    are left out (None: the engine fills in the previous block's outputs) and the keyword arguments are kept, since
+    they may differ by layer type (sliding-window vs full-attention masks, local vs global rotary tables)."""
+    captured: list[Inputs] = [[] for _ in blocks]
+    first_output: list[Any] = []                    # block 0's real output on batch 0: the form to hand on
+
+    def recorder(index: int, real: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = move(args, device), move(kwargs, device)
+            batch = len(captured[index])
+            earlier = [captured[index][0][1]] if batch else []         # the same block, first batch
+            earlier += [captured[i][batch][1] for i in {index - 1, 0} if 0 <= i < index]
+            kwargs = shared_with(kwargs, *earlier)
+            hidden = hidden_states_of(args, kwargs)
+            captured[index].append((args, kwargs) if index == 0 else _with_hidden_states(args, kwargs, None))
+            if index == len(blocks) - 1:
+                raise _StopForward
+            if not first_output:
+                first_output.append(real(*args, **kwargs))
+            out = first_output[0]
+            return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
+
+        return forward
 
     all_blocks = [b for _, stack in find_block_stacks(model) for b in stack]
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index, block.forward)  # an instance attribute shadows the class's forward
     try:
         with onloaded_blocks(all_blocks, device):
             for input_ids in batches:
@@ -143,24 +177,27 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tenso
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
-    if len(captured) != len(batches):
+        for block in blocks:
+            del block.forward
+    if any(len(inputs) != len(batches) for inputs in captured):
         raise UnsupportedModelError(f"{type(model).__name__}: the forward pass never reached its transformer blocks")
     return captured
 
 
-def shared_with(value: Any, first: Any) -> Any:
-    """`value` with every tensor that equals its counterpart in `first` replaced by that tensor. Masks and rotary
-    tables are the same for every calibration window of one length; sharing them keeps one copy on the device
-    instead of one per window (an eager 4-D mask at 2048 tokens is 16 MiB, 2 GiB over 128 windows)."""
+def shared_with(value: Any, *earlier: Any) -> Any:
+    """`value` with every tensor that equals its counterpart in one of the `earlier` structures replaced by that
+    tensor. Masks and rotary tables are the same for every calibration window of one length, and for every block of
+    one layer type; sharing them keeps one copy on the device instead of one per window and block (an eager 4-D
+    mask at 2048 tokens is 16 MiB, 2 GiB over 128 windows)."""
     if isinstance(value, torch.Tensor):
-        same = (isinstance(first, torch.Tensor) and first.shape == value.shape and first.dtype == value.dtype
-                and torch.equal(first, value))
-        return first if same else value
-    if isinstance(value, (tuple, list)) and isinstance(first, (tuple, list)) and len(first) == len(value):
-        return type(value)(shared_with(v, f) for v, f in zip(value, first, strict=True))
-    if isinstance(value, dict) and isinstance(first, dict):
-        return {k: shared_with(v, first.get(k)) for k, v in value.items()}
+        return next((e for e in earlier if isinstance(e, torch.Tensor) and e.shape == value.shape
+                     and e.dtype == value.dtype and e.device == value.device and torch.equal(e, value)), value)
+    if isinstance(value, (tuple, list)):
+        same = [e for e in earlier if isinstance(e, (tuple, list)) and len(e) == len(value)]
+        return type(value)(shared_with(v, *(e[i] for e in same)) for i, v in enumerate(value))
+    if isinstance(value, dict):
+        same = [e for e in earlier if isinstance(e, dict)]
+        return {k: shared_with(v, *(e.get(k) for e in same)) for k, v in value.items()}
     return value
 
 
@@ -237,15 +274,20 @@ def run_blocks(
     for stack_name, stack in stacks:
         move_outer(model, device)  # embeddings etc. are needed only to compute the first block's inputs
         try:
-            inputs = capture_inputs(model, stack[0], batches, device)
+            captured = capture_stack_inputs(model, list(stack), batches, device)
         finally:
             move_outer(model, home)
+        outputs: list[torch.Tensor] = []
         for index, block in enumerate(tqdm(stack, desc=f"{desc} ({stack_name})", leave=False)):
             if on_block is not None:
                 on_block(done, total, f"{stack_name}.{index}")
+            inputs = captured[index] if index == 0 else [_with_hidden_states(args, kwargs, hidden) for
+                                                         (args, kwargs), hidden in zip(captured[index], outputs,
+                                                                                       strict=True)]
+            captured[index] = []
             block.to(device)
             try:
-                inputs = _process_block(f"{stack_name}.{index}", block, inputs, process_block, sequential)
+                outputs = _process_block(f"{stack_name}.{index}", block, inputs, process_block, sequential)
             finally:  # an error or Ctrl-C must not leave a block on the GPU
                 block.to(homes[id(block)])
                 if device.type == "cuda":
@@ -253,8 +295,9 @@ def run_blocks(
             done += 1
 
 
-def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block, sequential: bool) -> Inputs:
-    """Let the method observe and compress `block`; return the inputs of the next block."""
+def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block,
+                   sequential: bool) -> list[torch.Tensor]:
+    """Let the method observe and compress `block`; return its outputs (the next block's hidden states)."""
     dense_outputs: list[torch.Tensor] = []
 
     def run() -> list[torch.Tensor]:
@@ -264,5 +307,4 @@ def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block, s
         return outputs
 
     process_block(BlockStep(name, block, inputs, run))
-    outputs = run() if sequential or not dense_outputs else dense_outputs
-    return [_with_hidden_states(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
+    return run() if sequential or not dense_outputs else dense_outputs

@@ -38,6 +38,7 @@ CONFIGS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", COMMON),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**COMMON, "head_dim": 16}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {**COMMON, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**COMMON, "head_dim": 16, "sliding_window": 8}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**COMMON, "pad_token_id": 0}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256)),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
