@@ -4,9 +4,10 @@
 
 Same model folder, same quantization (symmetric integers, one scale per group of 64 columns, the decoder blocks'
 Linear layers), same calibration windows for GPTQ (32 x 512 tokens, seed 0; rtn takes none), same evaluation
-windows, one machine, one run. hfcompress `gptq` runs twice: its default and `act_order: true` (llm-compressor's
-default, static activation ordering). Both tools save a compressed-tensors checkpoint; every checkpoint is loaded
-back with plain `from_pretrained` and measured by the same perplexity code, and its size is read off the disk.
+windows, one machine, one run. hfcompress `gptq` runs twice: its default (`act_order: true`, static activation
+ordering, as llm-compressor's default) and `act_order: false`, beside hfcompress `rtn` on the same grid (what the
+calibration buys). Both tools save a compressed-tensors checkpoint; every checkpoint is loaded back with plain
+`from_pretrained` and measured by the same perplexity code, and its size is read off the disk.
 Writes bench/results/{rtn,gptq}_smollm2.{json,md} (rtn: quant_smollm2).
 """
 
@@ -73,16 +74,18 @@ def main() -> None:
     calibration = {"n_samples": args.n_samples, "seq_len": args.seq_len, "seed": 0}
     calib_file = WORK / "calibration.pt"
     torch.save(load_calibration(tokenizer, "builtin", args.n_samples, args.seq_len, seed=0).input_ids, calib_file)
-    variants = {"rtn": [("hfcompress", {})],
-                "gptq": [("hfcompress", {}), ("hfcompress, act_order true", {"act_order": True})]}[args.method]
+    variants = {"rtn": [("hfcompress", "rtn", {})],
+                "gptq": [("hfcompress rtn", "rtn", {}),
+                         ("hfcompress gptq, act_order false", "gptq", {"act_order": False}),
+                         ("hfcompress gptq (default: act_order true)", "gptq", {})]}[args.method]
     rows = [{"tool": "dense (fp32)", "bits": 32, **measure(folder, windows), "seconds": 0.0}]
     print(rows[-1], flush=True)
     for bits in [int(b) for b in args.bits.split(",")]:
-        for label, options in variants:
-            ours = WORK / f"hfc-{args.method}-{bits}"
+        for label, method, options in variants:
+            ours = WORK / f"hfc-{method}-{bits}"
             shutil.rmtree(ours, ignore_errors=True)
             start = time.perf_counter()
-            result = hfcompress.compress({"model": folder, "steps": [{"method": args.method, "bits": bits,
+            result = hfcompress.compress({"model": folder, "steps": [{"method": method, "bits": bits,
                                                                       "group_size": args.group_size, **options}],
                                           "calibration": calibration, "evaluation": {"enabled": False},
                                           "output": {"dir": str(ours)}}, log=lambda line: None)

@@ -1,19 +1,19 @@
 """GPTQ: calibrated weight quantization with error feedback through the Hessian (Frantar et al., 2022,
 arXiv 2210.17323).
 
-Same grid and storage as `rtn` (symmetric b-bit integers, one scale per group of `group_size` input columns,
-saved in the compressed-tensors format), but each Linear layer is quantized column by column with the inverse
-Hessian of its inputs, H = 2 X^T X over every calibration token (fp32, dampened by `damp` x its mean diagonal):
-quantizing column j leaves an error (w_j - q_j s) / [U]_jj, which is spread over the columns not yet quantized
-through row j of U, the upper Cholesky factor of H^-1, so that the layer's output on the calibration data moves as
-little as possible. Columns go in blocks of `block_size` (the error reaches the columns after a block in one
-matrix product). A group's scale is taken from its weights as updated when the loop reaches its first column.
-`act_order: true` visits columns by decreasing Hessian diagonal (the most active inputs first); the scales are then
-fixed from the original weights before the loop, as the authors' static groups do, so that every group still holds
-consecutive columns. Dead input channels (zero Hessian diagonal) get a unit diagonal and zero weights, as in the
-authors' code. Weights that are exactly zero (a pruned model) quantize to zero whatever the updates brought them,
-their error going to the columns left like any other, so quantizing after pruning keeps the mask. Blocks are processed
-in order, each block's inputs coming from the already-quantized blocks before it.
+Same grid and storage as `rtn` (symmetric b-bit integers, one scale per group of `group_size` input columns, saved
+in the compressed-tensors format), but each Linear layer is quantized column by column with the inverse Hessian of
+its inputs, H = 2 X^T X over every calibration token (fp32, dampened by `damp` x its mean diagonal): quantizing
+column j leaves an error (w_j - q_j s) / [U]_jj, which is spread over the columns not yet quantized through row j of
+U, the upper Cholesky factor of H^-1, so that the layer's output on the calibration data moves as little as
+possible. Columns go in blocks of `block_size` (the error reaches the columns after a block in one matrix product).
+A group's scale is taken from its weights as updated when the loop reaches its first column. `act_order: true` (the
+default) visits columns by decreasing Hessian diagonal (the most active inputs first); the scales are then fixed
+from the original weights before the loop, as the authors' static groups do, so that every group still holds
+consecutive columns (no reordering at inference). Dead input channels (zero Hessian diagonal) get a unit diagonal
+and zero weights, as in the authors' code. Weights that are exactly zero (a pruned model) quantize to zero whatever
+the updates brought them, their error going to the columns left like any other, so quantizing after pruning keeps
+the mask. Blocks are processed in order, each block's inputs coming from the already-quantized blocks before it.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class GPTQConfig(QuantizationConfig):
     method: ClassVar[str] = "gptq"
     damp: float = option(0.01, "dampening added to the Hessian's diagonal, as a share of its mean diagonal")
     block_size: int = option(128, "columns per block of the error-feedback loop")
-    act_order: bool = option(False, "quantize columns by decreasing Hessian diagonal (scales fixed from the original "
-                                    "weights)")
+    act_order: bool = option(True, "quantize columns by decreasing Hessian diagonal, scales fixed from the original "
+                                   "weights (llm-compressor's default too; false: in column order)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,7 +102,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
 def gptq_blocks(model: nn.Module, layer_bits: dict[str, int], group_size: int, storage: torch.dtype,
                 context: Context, *, damp: float = 0.01, block_size: int = 128,
-                act_order: bool = False) -> dict[str, dict]:
+                act_order: bool = True) -> dict[str, dict]:
     """Quantize the layers of `layer_bits` ({layer name: bits}) with GPTQ, block by block, each block's Hessians
     from the outputs of the already-quantized blocks; return their structure entries."""
     layers = dict(model.named_modules())
