@@ -26,7 +26,7 @@ from .hub import check_push_target, check_token, push
 from .loading import ResolvedModel, load_model, load_tokenizer, model_skeleton, pick_device, resolve
 from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict
-from .plots import block_bars, have_matplotlib, sparsity_map
+from .plots import block_bars, have_matplotlib, module_scores, sparsity_map
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
 from .sequential import named_blocks
@@ -34,6 +34,7 @@ from .structure import Structure
 
 SPARSITY_MAP = "sparsity_map.png"
 BLOCK_BITS, BLOCK_IMPORTANCE = "block_bits.png", "block_importance.png"
+DROP_SCORES = "layer_drop_scores.png"
 
 
 @dataclass
@@ -291,10 +292,17 @@ def _save(result: Result, recipe: Recipe, storage_dtype: torch.dtype, log: Calla
 
 
 def _block_plots(result: Result, folder: Any, log: Callable[[str], None]) -> dict[str, str]:
-    """PNGs of the bits per block and the importance scores a step allocated them with (file name by plot)."""
+    """PNGs of the bits per block and the importance scores a step allocated them with, and of the scores layer_drop
+    chose its drops by (file name by plot)."""
     blocks = [name for name, _ in named_blocks(result.model)]
     plots = {}
     for report in result.reports:
+        if report.stats.get("scores") and report.method == "layer_drop" and have_matplotlib():
+            influence = report.stats["score"] == "influence"
+            module_scores(report.stats["scores"][0], report.stats["dropped"], folder / DROP_SCORES,
+                          "block influence (lower = more redundant)" if influence else
+                          "input/output similarity (higher = more redundant)", report.stats["score"])
+            plots["layer_drop_scores"] = DROP_SCORES
         if "block_bits" not in report.stats:
             continue
         if not have_matplotlib():

@@ -58,6 +58,41 @@ def block_bars(values: dict[str, float], path: str | Path, title: str, ylabel: s
     plt.close(fig)
 
 
+def module_scores(scores: dict[str, float], dropped: list[str], path: str | Path, title: str, ylabel: str) -> None:
+    """Bars of one score per module (`<stack>.<i>` blocks, `<stack>.<i>.<child>` sub-layers), grouped by block,
+    one colour per kind of module, the `dropped` ones hatched and outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def split(name: str) -> tuple[str, str]:
+        match = re.match(r"^(.*?\.\d+)(?:\.(.+))?$", name)
+        return (match.group(1), match.group(2) or "block") if match else (name, "block")
+
+    blocks = list(dict.fromkeys(split(name)[0] for name in scores))
+    kinds = list(dict.fromkeys(split(name)[1] for name in scores))
+    width = 0.8 / len(kinds)
+    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.35 * len(blocks) * len(kinds)), 3.4))
+    for k, kind in enumerate(kinds):
+        names = [name for name in scores if split(name)[1] == kind]
+        xs = [blocks.index(split(name)[0]) + (k - (len(kinds) - 1) / 2) * width for name in names]
+        ax.bar(xs, [scores[name] for name in names], width, label=kind, color=f"C{k}",
+               hatch=["//" if name in dropped else "" for name in names],
+               edgecolor=["#c00000" if name in dropped else f"C{k}" for name in names])
+    low, high = min(scores.values()), max(scores.values())
+    ax.set_ylim(low - 0.1 * (high - low or 1), high + 0.05 * (high - low or 1))
+    step = max(1, len(blocks) // 32)
+    ax.set_xticks(range(0, len(blocks), step), _short_block_names(blocks)[::step])
+    ax.set_xlabel("block (hatched: dropped)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def sparsity_map(model: nn.Module, path: str | Path, title: str = "measured sparsity per layer") -> bool:
     """Heat map, blocks x layers, of the share of zero weights; returns False when there is nothing to draw."""
     values = measured_sparsity(model)

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 import hfcompress
+from hfcompress.modules import SkippedAttention, SkippedMLP
 from hfcompress.quantization import SCALE_BUFFER
 from hfcompress.sequential import find_linears, named_blocks, weight_matrix
 from tests.tiny_models import CAUSAL, fingerprint, reloaded_outputs
@@ -40,6 +41,11 @@ CASES = {
     "layerwise_quant": [({"bits": [4, 2], "avg_bits": 3}, ["llama", "bert"], "package"),
                         ({"bits": [8, 4, 2], "avg_bits": 6, "score": "zd", "quantizer": "gptq"}, ["qwen2"], "package"),
                         ({"layer_bits": [3, 8, 4]}, ["mistral"], "package")],
+    "layer_drop": [({"drop": "attention", "n": 2}, ["llama", "qwen3", "gemma", "gemma2"], "remote-code"),
+                   ({"drop": "mlp", "n": 1, "iterative": True}, ["mistral", "phi3"], "remote-code"),
+                   ({"drop": "joint", "n": 3}, ["qwen2"], "remote-code"),
+                   ({"drop": "block", "n": 1}, ["llama", "bert"], "plain"),
+                   ({"drop": "block", "n": 2, "iterative": True, "score": "influence"}, ["qwen3"], "plain")],
     "rtn": [({"bits": 4}, ["llama", "qwen3", "bert", "llava"], "package"),
             ({"bits": 3, "group_size": 16}, ["mistral"], "package"),
             ({"bits": 8, "group_size": 32}, ["phi3"], "package"),
@@ -92,13 +98,18 @@ def test_method_round_trips_through_the_pipeline(method, options, model_name, mo
     assert {p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()} == {probe.stat().st_mode & 0o777}
     probe.unlink()
     metadata = json.loads((out / "hfcompress.json").read_text())
-    assert metadata["format_version"] == 2 and metadata["structure"]["modules"]
-    assert set(metadata["structure"]["modules"]) == {name for name, _ in _block_layers(result.model)
-                                                     if name in metadata["structure"]["modules"]}
+    structure = metadata["structure"]
+    assert metadata["format_version"] == 2 and (structure["modules"] or structure["removed"])
+    layers = {name for name, entry in structure["modules"].items() if "dropped" not in entry}
+    assert layers == {name for name, _ in _block_layers(result.model) if name in layers}
 
-    # fresh processes: plain transformers and hfcompress.load give the in-memory model's outputs exactly
+    # fresh processes: plain transformers and hfcompress.load give the in-memory model's outputs exactly (plain
+    # loading of a remote-code form stops and says what to pass instead)
     expected = fingerprint(result.model)
     for loader, reloaded in reloaded_outputs(str(out), tmp_path).items():
+        if mode == "remote-code" and loader == "transformers":
+            assert isinstance(reloaded, str) and "trust_remote_code=True" in reloaded, reloaded
+            continue
         assert isinstance(reloaded, torch.Tensor), f"{loader}: {reloaded}"
         assert torch.equal(reloaded, expected), loader
     if mode == "package":  # without the package, both loaders stop and say how to install it
@@ -136,6 +147,15 @@ def check_invariants(kind, config, result):
         assert "sparsity" not in result.after  # nothing was pruned: no sparsity row
         # true bits per weight: the stored bytes (packed ints, scales, the unquantized rest) over the parameters
         assert result.after["bits_per_weight"] < result.before["bits_per_weight"]
+    elif kind == "dropped":
+        stats, blocks = result.reports[0].stats, [block for _, block in named_blocks(result.model)]
+        assert stats["n"] == len(stats["dropped"]) == config.n
+        skipped = sum(isinstance(module, (SkippedAttention, SkippedMLP)) for block in blocks
+                      for module in block.children())
+        assert skipped == (0 if config.drop == "block" else config.n)
+        assert len(blocks) == 3 - (config.n if config.drop == "block" else 0)
+        assert result.after["parameters"] < result.before["parameters"]
+        assert result.after["size_bytes"] < result.before["size_bytes"]
     else:
         raise AssertionError(f"no invariants for changes of kind {kind!r}: add them here")
 
