@@ -78,20 +78,12 @@ def test_minilm_encoder_keeps_its_sentence_embeddings():
     assert similarity["wanda"] > similarity["magnitude"]
 
 
-def test_smollm2_rtn_4bit_loads_plainly_with_true_bits_and_small_blocks(smollm2, tmp_path):
-    import json
-
+def stored_block_bytes(folder) -> tuple[int, int]:
+    """(bytes the blocks' tensors take in the saved files, bytes they would take in fp16)."""
     from safetensors import safe_open
 
-    out = tmp_path / "rtn"
-    result = hfcompress.compress({"model": smollm2, "steps": [{"method": "rtn", "bits": 4, "group_size": 64}],
-                                  **FAST, "output": {"dir": str(out)}}, log=lambda line: None)
-    dense, quantized = result.before["perplexity"], result.after["perplexity"]
-    print(f"SmolLM2-135M perplexity: dense {dense:.2f}, rtn 4-bit g64 {quantized:.2f}")
-    assert dense < quantized < 1.5 * dense
-
     block_bytes = block_fp16 = 0
-    for shard in out.glob("*.safetensors"):
+    for shard in folder.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as weights:
             for key in weights.keys():
                 if ".layers." not in key:
@@ -102,6 +94,37 @@ def test_smollm2_rtn_4bit_loads_plainly_with_true_bits_and_small_blocks(smollm2,
                     block_fp16 += 2 * int(tensor.prod())        # the weight it stands for, in fp16
                 elif not key.endswith("weight_scale") and not key.endswith("weight_packed"):
                     block_fp16 += 2 * tensor.numel()            # norms: stored as they are
+    return block_bytes, block_fp16
+
+
+def test_smollm2_layerwise_3_5_bits_and_a_target_size(smollm2, tmp_path):
+    """3.5 bits on average over the blocks stores them in under 0.3x fp16; a target size lands within 2 % under."""
+    from hfcompress.evaluate import folder_weights_bytes
+
+    base = {"model": smollm2, **FAST, "evaluation": {"enabled": False}}
+    step = {"method": "layerwise_quant", "bits": [4, 2], "score": "zd", "group_size": 64}
+    hfcompress.compress({**base, "steps": [{**step, "avg_bits": 3.5}], "output": {"dir": str(tmp_path / "avg")}},
+                        log=lambda line: None)
+    block_bytes, block_fp16 = stored_block_bytes(tmp_path / "avg")
+    print(f"SmolLM2-135M at 3.5 bits (4/2): blocks {block_bytes / block_fp16:.3f}x their fp16 size")
+    assert block_bytes < 0.3 * block_fp16
+    target = 160 * 10**6                              # fp32 embeddings: 4/2 bits reach 146.7 to 173.2 MB
+    hfcompress.compress({**base, "steps": [{**step, "target_size": "160MB"}], "output": {"dir": str(tmp_path / "mb")}},
+                        log=lambda line: None)
+    assert 0.98 * target <= folder_weights_bytes(tmp_path / "mb") <= target
+
+
+def test_smollm2_rtn_4bit_loads_plainly_with_true_bits_and_small_blocks(smollm2, tmp_path):
+    import json
+
+    out = tmp_path / "rtn"
+    result = hfcompress.compress({"model": smollm2, "steps": [{"method": "rtn", "bits": 4, "group_size": 64}],
+                                  **FAST, "output": {"dir": str(out)}}, log=lambda line: None)
+    dense, quantized = result.before["perplexity"], result.after["perplexity"]
+    print(f"SmolLM2-135M perplexity: dense {dense:.2f}, rtn 4-bit g64 {quantized:.2f}")
+    assert dense < quantized < 1.5 * dense
+
+    block_bytes, block_fp16 = stored_block_bytes(out)
     assert block_bytes < 0.3 * block_fp16
 
     on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
