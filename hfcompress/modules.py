@@ -85,7 +85,8 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return old
 
 
-def _text_config(config: Any) -> Any:
+def text_config(config: Any) -> Any:
+    """The text decoder's config of a multimodal config, else the config itself."""
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
@@ -131,12 +132,12 @@ def _stack_config(config: Any, stack_name: str) -> Any:
     vision = getattr(config, "vision_config", None)
     if vision is not None and "vision" in stack_name:
         return vision
-    return _text_config(config)
+    return text_config(config)
 
 
 def first_of_its_type(config: Any, layer_idx: int) -> bool:
     """Whether layer `layer_idx` is the first of its attention type (transformers reads cache sizes from it)."""
-    layer_types = getattr(_text_config(config), "layer_types", None)
+    layer_types = getattr(text_config(config), "layer_types", None)
     if not layer_types:
         return layer_idx == 0
     return layer_types.index(layer_types[layer_idx]) == layer_idx

@@ -161,8 +161,7 @@ def capture_stack_inputs(model: nn.Module, blocks: list[nn.Module], batches: lis
                 raise _StopForward
             if not first_output:
                 first_output.append(real(*args, **kwargs))
-            out = first_output[0]
-            return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
+            return with_hidden_output(first_output[0], hidden)
 
         return forward
 
@@ -201,8 +200,14 @@ def shared_with(value: Any, *earlier: Any) -> Any:
     return value
 
 
-def _hidden_states(output: Any) -> torch.Tensor:
+def hidden_output(output: Any) -> torch.Tensor:
+    """The hidden states a block (or sub-layer) returned: the output itself or its first element."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def with_hidden_output(output: Any, hidden: torch.Tensor | None) -> Any:
+    """`output` in the same form (a tensor, or a tuple whose first element it is) with `hidden` in its place."""
+    return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
 
 
 def _with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -301,7 +306,7 @@ def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block,
     dense_outputs: list[torch.Tensor] = []
 
     def run() -> list[torch.Tensor]:
-        outputs = [_hidden_states(block(*args, **kwargs)) for args, kwargs in inputs]
+        outputs = [hidden_output(block(*args, **kwargs)) for args, kwargs in inputs]
         if not sequential and not dense_outputs:  # one-shot mode feeds the dense outputs forward
             dense_outputs.extend(outputs)
         return outputs

@@ -17,6 +17,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .sequential import BlockStep, hidden_states_of
+
 STATISTICS = ("sum", "sq_sum", "hessian")
 
 
@@ -144,6 +146,13 @@ def mean_cosine(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     for a, b in pairs:
         meter.add(a, b)
     return meter.value
+
+
+def input_output_cosine(step: BlockStep) -> float:
+    """Run the block of `step` on its calibration inputs; the per-token cosine between the hidden states it
+    receives and those it returns, averaged over every token (LIM importance, block drop, block influence)."""
+    outputs = step.run()
+    return mean_cosine(zip((hidden_states_of(args, kwargs) for args, kwargs in step.inputs), outputs, strict=True))
 
 
 class SubLayerProbes:

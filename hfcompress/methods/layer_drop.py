@@ -30,11 +30,11 @@ from torch import nn
 
 from ..context import Context
 from ..errors import InvalidOptionError, UnsupportedModelError, choices
-from ..modules import SkippedAttention, SkippedMLP, remove_blocks, replace_module, skip_sublayer
+from ..modules import SkippedAttention, SkippedMLP, remove_blocks, replace_module, skip_sublayer, text_config
 from ..options import check_choices, option
 from ..registry import Report, register
-from ..sequential import BlockStep, block_stacks, hidden_states_of
-from ..statistics import SubLayerProbes, mean_cosine
+from ..sequential import BlockStep, block_stacks, hidden_output, hidden_states_of, with_hidden_output
+from ..statistics import SubLayerProbes, input_output_cosine, mean_cosine
 from ..structure import dropped
 
 DROPS = ("attention", "mlp", "block", "joint")
@@ -138,12 +138,10 @@ def muted(model: nn.Module, names: list[str]) -> Iterator[None]:
     """While active, the named blocks return their input and the named sub-layers return zeros, through forward
     hooks: the model computes as if they were dropped, and nothing about it changes for good."""
     def identity(module, args, kwargs, output):
-        hidden = hidden_states_of(args, kwargs)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return with_hidden_output(output, hidden_states_of(args, kwargs))
 
     def zeros(module, args, output):
-        first = output[0] if isinstance(output, tuple) else output
-        return (torch.zeros_like(first), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(first)
+        return with_hidden_output(output, torch.zeros_like(hidden_output(output)))
 
     stack_name, _ = the_stack(model)
     handles = [model.get_submodule(name).register_forward_hook(identity, with_kwargs=True) if
@@ -164,10 +162,9 @@ def similarities(model: nn.Module, drop: str, context: Context, earlier: list[st
 
     def process(step: BlockStep) -> None:
         if drop == "block":
-            outputs = step.run()
+            similarity = input_output_cosine(step)
             if step.name in wanted:
-                scores[step.name] = mean_cosine((hidden_states_of(args, kwargs), output)
-                                                for (args, kwargs), output in zip(step.inputs, outputs, strict=True))
+                scores[step.name] = similarity
             return
         parts = sublayers(step.block)
         with SubLayerProbes(step.block, step.block.get_submodule(parts.attention_residual)) as probes:
@@ -267,7 +264,7 @@ def layer_drop(model: nn.Module, config: LayerDropConfig, context: Context) -> R
 
 def kv_cache_bytes_per_token(model: nn.Module) -> int:
     """Bytes the KV cache stores per token: keys and values of every attention not skipped, in the model's dtype."""
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 0)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // max(1, config.num_attention_heads)
     _, stack = the_stack(model)

@@ -41,8 +41,8 @@ from ..formats.compressed_tensors import stored_layer_bytes
 from ..options import option
 from ..quantization import QuantizationConfig, quantization_check, quantization_targets, resolve_group_size
 from ..registry import Report, register
-from ..sequential import BlockStep, find_linears, hidden_states_of, named_blocks, weight_matrix
-from ..statistics import mean_cosine
+from ..sequential import BlockStep, find_linears, named_blocks, weight_matrix
+from ..statistics import input_output_cosine
 from .gptq import gptq_blocks
 from .rtn import rtn_layers
 
@@ -147,9 +147,7 @@ def block_importance(model: nn.Module, score: str, context: Context, *, zd_direc
     lim: dict[str, float] = {}
 
     def process(step: BlockStep) -> None:
-        outputs = step.run()
-        inputs = [hidden_states_of(args, kwargs) for args, kwargs in step.inputs]
-        lim[step.name] = -mean_cosine(zip(inputs, outputs, strict=True))
+        lim[step.name] = -input_output_cosine(step)
 
     context.run_blocks(model, process, sequential=False, desc=f"importance ({score})")
     return {name: -value for name, value in lim.items()} if score == "reverse" else lim
