@@ -166,10 +166,11 @@ def apply_structure(model: nn.Module, modules: dict[str, dict[str, Any]]) -> Non
     `lowrank` -> LowRankLinear of that rank, `dropped` attention / MLP -> the skipped forms, their norms -> Identity.
     Other kinds (sparse zeros) need no module of their own."""
     for name, entry in modules.items():
-        if "lowrank" in entry:
+        if "lowrank" in entry and not entry["lowrank"].get("merged"):
             old = model.get_submodule(name)
-            replace_module(model, name, LowRankLinear(old.in_features, old.out_features, entry["lowrank"]["rank"],
-                                                      bias=old.bias is not None))
+            rows, columns = old.weight.shape[::-1] if type(old).__name__ == "Conv1D" else old.weight.shape
+            replace_module(model, name, LowRankLinear(columns, rows, entry["lowrank"]["rank"],
+                                                      bias=getattr(old, "bias", None) is not None))
         part = entry.get("dropped", {}).get("part")
         if part == "attention":
             layer_idx = getattr(model.get_submodule(name), "layer_idx", None)

@@ -7,6 +7,7 @@ Space form fields are all generated from these fields, so an option is declared 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
@@ -31,6 +32,16 @@ def option(default: Any, help: str, *, choices: tuple | None = None, **kwargs: A
     if choices is not None:
         metadata["choices"] = tuple(choices)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def parse_quantity(text: str, name: str, units: dict[str, int], examples: str) -> int:
+    """The number `text` stands for, e.g. `100MB` with units {"MB": 10**6, ...} (unit names upper-case; `""` for a
+    bare number); an error naming the valid units otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in units:
+        raise InvalidOptionError(f"{name} {text!r} is not valid; write e.g. {examples} "
+                                 f"(units: {', '.join(u for u in units if u)})")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
 
 
 def option_choices(config_class: type, name: str) -> tuple | None:

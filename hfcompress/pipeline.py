@@ -26,7 +26,7 @@ from .hub import check_push_target, check_token, push
 from .loading import ResolvedModel, load_model, load_tokenizer, model_skeleton, pick_device, resolve
 from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict
-from .plots import block_bars, have_matplotlib, module_scores, sparsity_map
+from .plots import block_bars, have_matplotlib, kept_rank_shares, layer_map, module_scores, sparsity_map
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
 from .sequential import named_blocks
@@ -34,7 +34,7 @@ from .structure import Structure
 
 SPARSITY_MAP = "sparsity_map.png"
 BLOCK_BITS, BLOCK_IMPORTANCE = "block_bits.png", "block_importance.png"
-DROP_SCORES = "layer_drop_scores.png"
+DROP_SCORES, RANK_MAP = "layer_drop_scores.png", "rank_map.png"
 
 
 @dataclass
@@ -202,7 +202,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
 
     calibration: CalibrationData | None = None
     c, ev = recipe.calibration, recipe.evaluation
-    if any(get_method(type(step).method).needs_calibration for step in recipe.steps):
+    if any(get_method(type(step).method).calibrates(step) for step in recipe.steps):
         log(f"calibration: {c.n_samples} x {c.seq_len} tokens from {c.source}")
         calibration = load_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field, c.split,
                                        c.subset)
@@ -292,8 +292,8 @@ def _save(result: Result, recipe: Recipe, storage_dtype: torch.dtype, log: Calla
 
 
 def _block_plots(result: Result, folder: Any, log: Callable[[str], None]) -> dict[str, str]:
-    """PNGs of the bits per block and the importance scores a step allocated them with, and of the scores layer_drop
-    chose its drops by (file name by plot)."""
+    """PNGs of the bits per block and the importance scores a step allocated them with, of the scores layer_drop
+    chose its drops by, and of the rank kept in every layer a low-rank step factored (file name by plot)."""
     blocks = [name for name, _ in named_blocks(result.model)]
     plots = {}
     for report in result.reports:
@@ -303,6 +303,12 @@ def _block_plots(result: Result, folder: Any, log: Callable[[str], None]) -> dic
                           "block influence (lower = more redundant)" if influence else
                           "input/output similarity (higher = more redundant)", report.stats["score"])
             plots["layer_drop_scores"] = DROP_SCORES
+        if report.stats.get("ranks") and have_matplotlib():
+            shares = kept_rank_shares(result.model, report.stats["ranks"])
+            if shares:  # empty when a later step removed the blocks
+                layer_map(shares, folder / RANK_MAP, f"rank kept per layer ({report.method}; dense = 1)",
+                          "rank / full rank")
+                plots["rank_map"] = RANK_MAP
         if "block_bits" not in report.stats:
             continue
         if not have_matplotlib():

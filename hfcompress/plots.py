@@ -98,6 +98,26 @@ def sparsity_map(model: nn.Module, path: str | Path, title: str = "measured spar
     values = measured_sparsity(model)
     if not values or max(values.values()) == 0:
         return False
+    layer_map(values, path, title, "share of zero weights")
+    return True
+
+
+def kept_rank_shares(model: nn.Module, ranks: dict[str, int | None]) -> dict[tuple[str, str], float]:
+    """(block name, layer name inside the block) -> rank kept / full rank (1 for a layer left dense), for the layers
+    of `ranks` ({layer name: rank or None})."""
+    result = {}
+    for prefix, block in named_blocks(model):
+        for name, module in block.named_modules(prefix=prefix):
+            if name in ranks:
+                rows, columns = (module.out_features, module.in_features) if ranks[name] is not None else \
+                    tuple(weight_matrix(module).shape)
+                result[(prefix, name[len(prefix) + 1:])] = 1.0 if ranks[name] is None else \
+                    ranks[name] / min(rows, columns)
+    return result
+
+
+def layer_map(values: dict[tuple[str, str], float], path: str | Path, title: str, label: str) -> None:
+    """Heat map, blocks x layers, of one number in [0, 1] per (block, layer inside the block)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,8 +136,7 @@ def sparsity_map(model: nn.Module, path: str | Path, title: str = "measured spar
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("block")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="share of zero weights")
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True

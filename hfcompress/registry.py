@@ -57,11 +57,15 @@ class MethodSpec:
     config_class: type
     transform: Callable[..., Report]
     paper: str
-    needs_calibration: bool
+    needs_calibration: bool | Callable[[Any], bool]
     supports: tuple[str, ...]
     summary: str
     check: Callable[[Any, Any], Any] | None = None
     changes: str | None = None
+
+    def calibrates(self, config: Any) -> bool:
+        """Whether this step, with these options, needs calibration batches."""
+        return self.needs_calibration(config) if callable(self.needs_calibration) else self.needs_calibration
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -72,7 +76,7 @@ def register(
     config_class: type,
     *,
     paper: str,
-    needs_calibration: bool,
+    needs_calibration: bool | Callable[[Any], bool],
     supports: tuple[str, ...] = ("causal-lm",),
     summary: str = "",
     check: Callable[[Any, Any], Any] | None = None,
@@ -86,7 +90,8 @@ def register(
     Args:
         config_class: a frozen dataclass with a class attribute `method` (the method's name).
         paper: link to the paper the method implements.
-        needs_calibration: whether the transform needs calibration batches.
+        needs_calibration: whether the transform needs calibration batches, or `needs_calibration(config)` when
+            that depends on its options.
         supports: model families the transform handles, a subset of `MODEL_FAMILIES`.
         summary: one line for `hfcompress methods` and the README.
         check: `check(model, config)` raises an `HfCompressError` when the config does not fit the model (e.g.
@@ -164,6 +169,10 @@ def methods_table() -> str:
     """Markdown table of the registered methods (printed by `hfcompress methods`, embedded in the README)."""
     rows = ["| method | what it does | paper | calibration | models |", "|---|---|---|---|---|"]
     for name, spec in available_methods().items():
-        rows.append(f"| `{name}` | {spec.summary} | {spec.paper} | {'yes' if spec.needs_calibration else 'no'} | "
+        rows.append(f"| `{name}` | {spec.summary} | {spec.paper} | {_calibration_column(spec.needs_calibration)} | "
                     f"{', '.join(spec.supports)} |")
     return "\n".join(rows)
+
+
+def _calibration_column(needs: bool | Callable[[Any], bool]) -> str:
+    return "some modes" if callable(needs) else "yes" if needs else "no"

@@ -4,7 +4,8 @@ Every transform reports its changes as entries `{module name: {kind: details}}`,
 
     sparse     {"sparsity": 0.5}                          zeros in a dense weight
     quantized  {"bits": 4, "group_size": 64, "symmetric": true, "quantizer": "rtn"}
-    lowrank    {"rank": 128}                              the Linear became two thin ones
+    lowrank    {"rank": 128}                              the Linear became two thin ones ("merged": true: their
+                                                          product was put back into the Linear)
     dropped    {"part": "attention" | "mlp" | "attention norm" | "mlp norm"}   a sub-layer is gone (residual kept)
 
 A step that removes or renumbers modules (removing block 1 makes block 2 the new block 1) reports `renamed`: old
@@ -47,8 +48,15 @@ def quantized(bits: int, group_size: int, quantizer: str, symmetric: bool = True
                           "quantizer": quantizer}}
 
 
-def lowrank(rank: int) -> dict[str, Any]:
-    return {"lowrank": {"rank": int(rank)}}
+def lowrank(rank: int, merged: bool = False) -> dict[str, Any]:
+    """A low-rank pair; `merged`: multiplied back into the dense weight (a stock Linear of rank `rank`)."""
+    return {"lowrank": {"rank": int(rank), **({"merged": True} if merged else {})}}
+
+
+def replacing_kinds(entry: dict[str, dict[str, Any]]) -> set[str]:
+    """The kinds of change in one entry that put a module of hfcompress's own in place of the original (a merged
+    low-rank pair is a stock Linear again)."""
+    return {kind for kind, details in entry.items() if kind in STRUCTURAL and not details.get("merged")}
 
 
 def dropped(part: str) -> dict[str, Any]:
@@ -98,7 +106,7 @@ class Structure:
                     if why:
                         raise InvalidOptionError(f"`{method}` cannot change {name} ({kind}) after an earlier step "
                                                  f"made it {done}: {why}")
-            if set(entry) & STRUCTURAL:  # a new module takes the place of the old one and of everything inside it
+            if replacing_kinds(entry):  # a new module takes the place of the old one and of everything inside it
                 earlier.clear()
                 for inner in [n for n in self.modules if n.startswith(name + ".")]:
                     del self.modules[inner]
@@ -112,6 +120,11 @@ class Structure:
     @property
     def kinds(self) -> set[str]:
         return {kind for entry in self.modules.values() for kind in entry}
+
+    @property
+    def replacing(self) -> set[str]:
+        """The kinds of change that need modules of hfcompress's own (see `replacing_kinds`)."""
+        return {kind for entry in self.modules.values() for kind in replacing_kinds(entry)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"modules": self.modules, "config": self.config, "removed": self.removed}

@@ -172,9 +172,21 @@ def test_a_block_dropped_model_quantizes_and_reloads(tiny, tmp_path):
                             log=lambda line: None)
 
 
-def test_quantizing_dropped_sub_layers_is_refused_before_loading(tiny, monkeypatch):
-    monkeypatch.setattr("hfcompress.pipeline.load_model", lambda *a, **k: pytest.fail("weights were loaded"))
-    with pytest.raises(UnsupportedModelError, match="no writer stores .*dropped.* together with quantized"):
-        hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "layer_drop", "drop": "attention", "n": 1},
-                                                              {"method": "rtn", "bits": 4}],
-                             "output": {"dir": "unused"}}, log=lambda line: None)
+def test_quantized_dropped_sub_layers_reload_with_remote_code_and_the_package(tiny, tmp_path):
+    """Remote-code form with packed integers: both loaders give the in-memory logits; plain loading asks for
+    trust_remote_code, and without compressed-tensors every loader asks for it."""
+    out = tmp_path / "out"
+    steps = [{"method": "layer_drop", "drop": "attention", "n": 1}, {"method": "rtn", "bits": 4}]
+    result = hfcompress.compress({"model": tiny("llama"), "steps": steps,
+                                  "calibration": CALIBRATION, "evaluation": {"enabled": False},
+                                  "output": {"dir": str(out)}}, log=lambda line: None)
+    assert result.metadata["loading"] == {"format": "remote-code", "packages": ["compressed-tensors"],
+                                          "trust_remote_code": True}
+    reloaded = reloaded_outputs(str(out), tmp_path)
+    assert "trust_remote_code=True" in reloaded.pop("transformers")
+    for loader, logits in reloaded.items():
+        assert isinstance(logits, torch.Tensor) and torch.equal(logits, fingerprint(result.model)), loader
+    without = reloaded_outputs(str(out), tmp_path, hide=("compressed_tensors",))
+    assert "trust_remote_code=True" in without.pop("transformers")
+    for loader, message in without.items():
+        assert isinstance(message, str) and "pip install" in message and "compressed-tensors" in message, loader

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import hfcompress
-from hfcompress.modules import SkippedAttention, SkippedMLP
+from hfcompress.modules import LowRankLinear, SkippedAttention, SkippedMLP
 from hfcompress.quantization import SCALE_BUFFER
 from hfcompress.sequential import find_linears, named_blocks, weight_matrix
 from tests.tiny_models import CAUSAL, fingerprint, reloaded_outputs
@@ -46,6 +46,10 @@ CASES = {
                    ({"drop": "joint", "n": 3}, ["qwen2"], "remote-code"),
                    ({"drop": "block", "n": 1}, ["llama", "bert"], "plain"),
                    ({"drop": "block", "n": 2, "iterative": True, "score": "influence"}, ["qwen3"], "plain")],
+    "lord": [({"mode": "activation"}, ["llama", "gpt2", "bert"], "remote-code"),
+             ({"mode": "svd", "reduction": 0.3, "rank_multiple": 16}, ["qwen3"], "remote-code"),
+             ({"tolerance": 0.5, "sequential": False}, ["mistral"], "remote-code"),
+             ({"merge": True, "target_params": "3.99M"}, ["phi3"], "plain")],
     "rtn": [({"bits": 4}, ["llama", "qwen3", "bert", "llava"], "package"),
             ({"bits": 3, "group_size": 16}, ["mistral"], "package"),
             ({"bits": 8, "group_size": 32}, ["phi3"], "package"),
@@ -101,18 +105,20 @@ def test_method_round_trips_through_the_pipeline(method, options, model_name, mo
     structure = metadata["structure"]
     assert metadata["format_version"] == 2 and (structure["modules"] or structure["removed"])
     layers = {name for name, entry in structure["modules"].items() if "dropped" not in entry}
-    assert layers == {name for name, _ in _block_layers(result.model) if name in layers}
+    assert layers <= {name for name, _ in result.model.named_modules()}  # the map names the saved modules
 
     # fresh processes: plain transformers and hfcompress.load give the in-memory model's outputs exactly (plain
     # loading of a remote-code form stops and says what to pass instead)
     expected = fingerprint(result.model)
-    for loader, reloaded in reloaded_outputs(str(out), tmp_path).items():
+    reloaded_by = reloaded_outputs(str(out), tmp_path)
+    assert ("trust_remote_code" in reloaded_by) == (mode == "remote-code")
+    for loader, reloaded in reloaded_by.items():
         if mode == "remote-code" and loader == "transformers":
             assert isinstance(reloaded, str) and "trust_remote_code=True" in reloaded, reloaded
             continue
         assert isinstance(reloaded, torch.Tensor), f"{loader}: {reloaded}"
         assert torch.equal(reloaded, expected), loader
-    if mode == "package":  # without the package, both loaders stop and say how to install it
+    if mode == "package":  # without the package, every loader stops and says how to install it
         failures = reloaded_outputs(str(out), tmp_path, hide=(PACKAGES[method],))
         for loader, message in failures.items():
             assert isinstance(message, str) and "pip install" in message and "compressed-tensors" in message, loader
@@ -156,6 +162,24 @@ def check_invariants(kind, config, result):
         assert len(blocks) == 3 - (config.n if config.drop == "block" else 0)
         assert result.after["parameters"] < result.before["parameters"]
         assert result.after["size_bytes"] < result.before["size_bytes"]
+    elif kind == "lowrank":
+        stats, modules = result.reports[0].stats, dict(result.model.named_modules())
+        factored = {name: rank for name, rank in stats["ranks"].items() if rank is not None}
+        assert factored and stats["factored"] == len(factored) == len(result.structure.of_kind("lowrank"))
+        assert all(rank % config.rank_multiple == 0 for rank in factored.values())
+        if config.ratio is not None:
+            assert config.ratio <= stats["reduction"] < config.ratio + 0.1
+        for name, rank in factored.items():
+            if config.merge:  # a stock Linear again, holding a matrix of that rank
+                assert type(modules[name]) is not LowRankLinear
+                assert torch.linalg.matrix_rank(weight_matrix(modules[name]).double(), rtol=1e-5) <= rank, name
+            else:
+                assert isinstance(modules[name], LowRankLinear) and modules[name].rank == rank, name
+        if config.merge:
+            assert result.after["parameters"] == result.before["parameters"]
+        else:
+            assert result.after["parameters"] < result.before["parameters"]
+            assert result.after["size_bytes"] < result.before["size_bytes"]
     else:
         raise AssertionError(f"no invariants for changes of kind {kind!r}: add them here")
 

@@ -78,7 +78,7 @@ def build(name: str, folder: str | Path, seed: int = 0) -> str:
 
 
 RELOAD = """
-import importlib.machinery, os, sys
+import importlib.machinery, json, os, sys
 location, out, hidden = sys.argv[1], sys.argv[2], sys.argv[3:]
 
 
@@ -104,9 +104,18 @@ def plain_load():  # what a user without hfcompress writes: the Auto class for L
     return plain.from_pretrained(location, dtype=torch.float32)
 
 
+def remote_code_load():  # a remote-code output, the way its card says: the Auto class with trust_remote_code=True
+    with open(os.path.join(location, "config.json")) as handle:
+        auto_class = json.load(handle)["hfcompress"]["auto_class"]
+    return getattr(transformers, auto_class).from_pretrained(location, trust_remote_code=True, dtype=torch.float32)
+
+
+with open(os.path.join(location, "config.json")) as handle:
+    remote_code = json.load(handle).get("model_type") == "hfcompress"
 results = {}
 for name, load in [("transformers", plain_load),
-                   ("hfcompress", lambda: hfcompress.load(location, dtype=torch.float32))]:
+                   ("hfcompress", lambda: hfcompress.load(location, dtype=torch.float32)),
+                   *([("trust_remote_code", remote_code_load)] if remote_code else [])]:
     try:
         results[name] = fingerprint(load())
     except Exception as error:  # recorded: a test may expect a load to fail, with a message that says what to do

@@ -11,7 +11,8 @@ the saved model -> kind of change. The writer is chosen from that map, never fro
 
     remote_code.py         low-rank pairs, skipped attention / MLP sub-layers: the base config with a model type of
                            its own + ONE architecture-agnostic modeling file; `trust_remote_code=True`, or
-                           `hfcompress.load`, which runs no code from the repo
+                           `hfcompress.load`, which runs no code from the repo. Quantized layers among them are
+                           packed as compressed-tensors stores them (and loading needs that package too)
 
 `load` reverses every writer, and outputs of format version 1 (dense, written before the map existed) keep
 loading.
@@ -26,8 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from ..structure import STRUCTURAL, Structure
+from ..errors import ModelLoadError
+from ..structure import Structure
 from .folders import METADATA_FILE, check_output_folder, ensure_space, staged_folder
 
 __all__ = ["METADATA_FILE", "FORMAT_VERSION", "check_output_folder", "ensure_space", "staged_folder", "load",
@@ -37,13 +38,10 @@ FORMAT_VERSION = 2
 
 
 def writer_name(structure: Structure) -> str:
-    """The writer that stores this map: `remote-code` for low-rank pairs and skipped sub-layers, `compressed-tensors`
-    when a layer is quantized, else `dense` (removed blocks need none: the model is a smaller stock one)."""
-    structural = structure.kinds & STRUCTURAL
-    if structural and "quantized" in structure.kinds:
-        raise UnsupportedModelError(f"no writer stores {sorted(structural)} changes together with quantized layers "
-                                    "yet; nothing was written")
-    if structural:
+    """The writer that stores this map: `remote-code` for low-rank pairs and skipped sub-layers (with any quantized
+    layers packed), `compressed-tensors` when a layer is quantized, else `dense` (removed blocks need none: the
+    model is a smaller stock one)."""
+    if structure.replacing:  # quantized layers in it are packed as compressed-tensors stores them
         return "remote-code"
     return "compressed-tensors" if "quantized" in structure.kinds else "dense"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -86,8 +86,10 @@ def quantization_config(quantized: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "version": version}
 
 
-def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | None) -> dict[str, Any]:
-    """Write the model with its quantized layers packed; return what loading it needs."""
+def packed(model: nn.Module, structure: Any, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor],
+                                                                               Callable[[dict], dict], list[str]]:
+    """(state dict with the quantized layers packed, the edit that adds `quantization_config` to config.json, the
+    pip requirements loading needs): what this writer adds, for it and for the remote-code writer."""
     quantized = structure.of_kind("quantized")
     state = storage_state_dict(model, dtype)
     modules = dict(model.named_modules())
@@ -98,6 +100,12 @@ def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | No
         state[f"{name}.weight_scale"] = scale.to("cpu", dtype or scale.dtype).contiguous()
         state[f"{name}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
     groups = quantization_config(quantized)
-    write(model, folder, state, dtype, lambda config: {**config, "quantization_config": groups})
     bit_widths = {entry["bits"] for entry in quantized.values()}
-    return {"format": "compressed-tensors", "packages": [package_requirement(bit_widths)], "trust_remote_code": False}
+    return state, lambda config: {**config, "quantization_config": groups}, [package_requirement(bit_widths)]
+
+
+def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | None) -> dict[str, Any]:
+    """Write the model with its quantized layers packed; return what loading it needs."""
+    state, edit_config, packages = packed(model, structure, dtype)
+    write(model, folder, state, dtype, edit_config)
+    return {"format": "compressed-tensors", "packages": packages, "trust_remote_code": False}

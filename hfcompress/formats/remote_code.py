@@ -20,17 +20,21 @@ import torch
 from torch import nn
 
 from .. import modules
-from ..structure import STRUCTURAL
+from ..structure import replacing_kinds
+from . import compressed_tensors
 from .dense import storage_state_dict, write
 
 
 def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | None) -> dict[str, Any]:
     """Write weights, the remote-code config and the modeling file; return what loading needs."""
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-    entries = {name: {kind: details for kind, details in entry.items() if kind in STRUCTURAL}
-               for name, entry in structure.modules.items() if set(entry) & STRUCTURAL}
+    entries = {name: {kind: entry[kind] for kind in replacing_kinds(entry)}
+               for name, entry in structure.modules.items() if replacing_kinds(entry)}
     hfcompress = {"auto_class": "AutoModelForCausalLM" if causal else "AutoModel", "modules": entries}
-    write(model, folder, storage_state_dict(model, dtype), dtype,
-          lambda config: modules.remote_code_config(config, hfcompress))
+    if structure.of_kind("quantized"):  # e.g. quantized low-rank factors: packed as the compressed-tensors writer does
+        state, quantization, packages = compressed_tensors.packed(model, structure, dtype)
+    else:
+        state, quantization, packages = storage_state_dict(model, dtype), (lambda config: config), []
+    write(model, folder, state, dtype, lambda config: modules.remote_code_config(quantization(config), hfcompress))
     shutil.copyfile(modules.__file__, folder / modules.MODELING_FILE)
-    return {"format": "remote-code", "packages": [], "trust_remote_code": True}
+    return {"format": "remote-code", "packages": packages, "trust_remote_code": True}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import re
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -38,7 +37,7 @@ from ..context import Context
 from ..errors import InvalidOptionError
 from ..evaluate import stored_bytes
 from ..formats.compressed_tensors import stored_layer_bytes
-from ..options import option
+from ..options import option, parse_quantity
 from ..quantization import QuantizationConfig, quantization_check, quantization_targets, resolve_group_size
 from ..registry import Report, register
 from ..sequential import BlockStep, find_linears, named_blocks, weight_matrix
@@ -53,11 +52,7 @@ HEADER_BYTES_PER_TENSOR = 160  # safetensors header entry (name, dtype, shape, o
 
 def parse_size(text: str) -> int:
     """Bytes of a size such as `100MB` (10^6), `95MiB` (2^20), `1.5GB` or `123456`."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in UNITS:
-        raise InvalidOptionError(f"target_size {text!r} is not a size; write e.g. `100MB`, `95MiB` or `1.5GB` "
-                                 f"(units: {', '.join(u for u in UNITS if u)})")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    return parse_quantity(text, "target_size", UNITS, "`100MB`, `95MiB` or `1.5GB`")
 
 
 @dataclass(frozen=True)
