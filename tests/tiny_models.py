@@ -78,7 +78,7 @@ def build(name: str, folder: str | Path, seed: int = 0) -> str:
 
 
 RELOAD = """
-import importlib.machinery, json, os, sys
+import importlib.machinery, os, sys
 location, out, hidden = sys.argv[1], sys.argv[2], sys.argv[3:]
 
 
@@ -104,14 +104,13 @@ def plain_load():  # what a user without hfcompress writes: the Auto class for L
     return plain.from_pretrained(location, dtype=torch.float32)
 
 
+saved_config = transformers.PretrainedConfig.get_config_dict(location)[0]  # config.json, local or on the Hub
+remote_code = saved_config.get("model_type") == "hfcompress"
+
+
 def remote_code_load():  # a remote-code output, the way its card says: the Auto class with trust_remote_code=True
-    with open(os.path.join(location, "config.json")) as handle:
-        auto_class = json.load(handle)["hfcompress"]["auto_class"]
-    return getattr(transformers, auto_class).from_pretrained(location, trust_remote_code=True, dtype=torch.float32)
-
-
-with open(os.path.join(location, "config.json")) as handle:
-    remote_code = json.load(handle).get("model_type") == "hfcompress"
+    auto_class = getattr(transformers, saved_config["hfcompress"]["auto_class"])
+    return auto_class.from_pretrained(location, trust_remote_code=True, dtype=torch.float32)
 results = {}
 for name, load in [("transformers", plain_load),
                    ("hfcompress", lambda: hfcompress.load(location, dtype=torch.float32)),

@@ -1,0 +1,208 @@
+"""The Space: forms come from the methods' declarations and refuse bad values with the valid choices; in headless
+Chromium against the real app on localhost, a user compresses a model, sees progress and the table, pushes with
+their token to a loopback Hub, and the pushed repo loads; bad options, missing repos and cancel leave it usable."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import hfcompress
+from hfcompress.errors import InvalidOptionError
+from hfcompress.recipe import Recipe
+from hfcompress.registry import available_methods
+from hfcompress.space import check_fits, default_target, method_form, step_from_form, steps_yaml
+from tests.tiny_models import ROOT_DIR, fingerprint, reloaded_outputs
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOTS = ROOT_DIR / "tests" / "screenshots"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_every_option_of_every_method_has_an_input_of_its_kind():
+    for name, spec in available_methods().items():
+        form = method_form(name)
+        assert [f.name for f in form] == [f for f in spec.config_class.__dataclass_fields__ if f != "method"]
+        for field in form:
+            assert field.kind in ("dropdown", "checkbox", "integer", "number", "text"), (name, field)
+            assert field.help, (name, field.name)
+    kinds = {f.name: f.kind for f in method_form("wanda")}
+    assert kinds["pattern"] == "text" and kinds["sequential"] == "checkbox" and kinds["sparsity"] == "text"
+    assert {f.name: f for f in method_form("layer_drop")}["drop"].choices == ("attention", "mlp", "block", "joint")
+
+
+def test_form_values_become_checked_steps():
+    assert step_from_form("wanda", {"sparsity": "0.5", "pattern": "unstructured", "targets": ""}) == {
+        "method": "wanda", "sparsity": 0.5}
+    assert step_from_form("layerwise_quant", {"bits": "8,4,2", "avg_bits": "6"}) == {
+        "method": "layerwise_quant", "bits": [8, 4, 2], "avg_bits": 6.0}
+    assert step_from_form("layer_drop", {"n": 2.0})["n"] == 2
+    with pytest.raises(InvalidOptionError, match=r"sparsity must be in \[0, 1\)"):
+        step_from_form("wanda", {"sparsity": "1.5"})
+    with pytest.raises(InvalidOptionError, match="valid: `attention`"):
+        step_from_form("layer_drop", {"drop": "heads"})
+    steps = [step_from_form("wanda", {"sparsity": "0.5"}), step_from_form("rtn", {"bits": "4"})]
+    recipe = Recipe.from_yaml(steps_yaml("builtin:smollm2-135m", steps, {"n_samples": 8, "seq_len": 64}))
+    assert [type(step).method for step in recipe.steps] == ["wanda", "rtn"] and recipe.calibration.n_samples == 8
+    assert default_target("alice", "HuggingFaceTB/SmolLM2-135M", steps) == "alice/SmolLM2-135M-wanda-rtn"
+    assert default_target(None, "builtin:smollm2-135m", steps[:1]) == "me/smollm2-135m-wanda"
+
+
+def test_a_model_too_large_for_the_machine_is_refused_from_its_config(tiny):
+    needed = check_fits(tiny("llama"))
+    with pytest.raises(InvalidOptionError, match="GiB of memory and this machine has"):
+        check_fits(tiny("llama"), available=needed - 1)
+
+
+# --- the browser ---------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app(hub, tmp_path):
+    """The real app (`python spaces/app.py`) on a free localhost port, its Hub calls going to the loopback Hub."""
+    if not os.path.exists(CHROMIUM) or not _has_playwright():
+        pytest.skip("headless Chromium tests need Debian's chromium and the playwright package")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "app_home"),
+           "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False", "TQDM_DISABLE": "1"}
+    log = open(tmp_path / "app.log", "w")
+    process = subprocess.Popen([sys.executable, "spaces/app.py"], cwd=ROOT_DIR, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert process.poll() is None, (tmp_path / "app.log").read_text()
+            time.sleep(0.5)
+    yield url, tmp_path
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def _has_playwright() -> bool:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def page(app, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # headless, with a fresh profile of playwright's own (it refuses --user-data-dir for a plain launch)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS[1:])
+        page = browser.new_page(viewport={"width": 1280, "height": 1800})
+        page.set_default_timeout(60_000)
+        page.goto(app[0])
+        page.get_by_role("button", name="Run").wait_for()
+        yield page
+        browser.close()
+
+
+def _fill(page, elem_id: str, value: str) -> None:
+    """Type into the input of the component with this elem_id, as a user would (Enter picks a dropdown value)."""
+    box = page.locator(f"#{elem_id}").locator("input, textarea").first
+    box.fill(value)
+    box.press("Enter" if box.get_attribute("role") == "combobox" else "Tab")
+
+
+def _shot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def _configure(page, model: str) -> None:
+    _fill(page, "model", model)
+    page.locator("#calibration").get_by_text("calibration").click()
+    _fill(page, "n-samples", "4")
+    _fill(page, "seq-len", "32")
+
+
+def test_compress_then_push_from_the_browser(page, hub, tiny, app, tmp_path):
+    _configure(page, tiny("llama"))
+    _fill(page, "wanda-sparsity", "0.5")
+    _shot(page, "1-configured")
+    page.get_by_role("button", name="Run").click()
+    page.locator("#status .progress-text").first.wait_for()       # the progress bar, per step and block
+    _shot(page, "2-running")
+    page.locator("#status").get_by_text("Compressed and saved").wait_for()
+    _shot(page, "3-done")
+    table = page.locator("#table").inner_text()
+    assert "perplexity" in table and "sparsity" in table
+    _fill(page, "token", "hf_test_alice")
+    _fill(page, "target", "alice/tiny-wanda")
+    page.get_by_role("button", name="Push to the Hub").click()
+    page.locator("#pushed").get_by_text("Pushed to").wait_for()
+    _shot(page, "4-pushed")
+    assert "alice/tiny-wanda" in hub.repos and "model.safetensors" in hub.repos["alice/tiny-wanda"]["files"]
+    assert yaml.safe_load(hub.repos["alice/tiny-wanda"]["files"]["README.md"].decode().split("---")[1])
+
+    (folder,) = Path(app[1]).glob("hfcompress-space/*/*/out")       # the session's result, as the app wrote it
+    expected = fingerprint(hfcompress.load(str(folder), dtype=torch.float32))
+    fresh = {"PATH": "", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test_alice", "HF_HUB_DISABLE_XET": "1",
+             "HF_HOME": str(tmp_path / "fresh_home")}
+    for loader, logits in reloaded_outputs("alice/tiny-wanda", tmp_path, env=fresh).items():
+        assert isinstance(logits, torch.Tensor) and torch.equal(logits, expected), loader
+
+
+def test_bad_option_missing_repo_and_cancel_leave_the_app_usable(page, app, tiny, tmp_path):
+    _configure(page, tiny("llama"))
+    _fill(page, "wanda-sparsity", "1.5")
+    page.get_by_role("button", name="Run").click()
+    page.locator("#status").get_by_text("sparsity must be in [0, 1)").wait_for()
+    _shot(page, "5-bad-option")
+    _fill(page, "wanda-sparsity", "0.5")
+    _fill(page, "model", "nobody/no-such-model")
+    page.get_by_role("button", name="Run").click()
+    page.locator("#status").get_by_text("nobody/no-such-model").wait_for()
+    assert "Error" in page.locator("#status").inner_text()
+    _shot(page, "6-missing-repo")
+
+    _fill(page, "model", _slow_model(tmp_path / "slow"))
+    _fill(page, "n-samples", "128")
+    _fill(page, "seq-len", "256")
+    page.get_by_role("button", name="Run").click()
+    time.sleep(3)
+    page.get_by_role("button", name="Cancel").click()
+    page.locator("#status").get_by_text("Cancelled").wait_for()
+    _shot(page, "7-cancelled")
+    work = Path(app[1]) / "hfcompress-space"
+    assert not work.exists() or not any(work.rglob("hfcompress.json"))
+    _fill(page, "model", tiny("llama"))
+    _fill(page, "n-samples", "4")
+    _fill(page, "seq-len", "32")
+    page.get_by_role("button", name="Run").click()
+    page.locator("#status").get_by_text("Compressed and saved").wait_for()
+
+
+def _slow_model(folder: Path) -> str:
+    """A random 32-block Llama: long enough a run (about ten seconds here) to be cancelled halfway."""
+    import transformers
+
+    from tests.tiny_models import COMMON, tokenizer
+
+    config = transformers.LlamaConfig(**{**COMMON, "hidden_size": 128, "intermediate_size": 512,
+                                         "num_hidden_layers": 32})
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return str(folder)
