@@ -142,7 +142,8 @@ def build_app() -> gr.Blocks:
                 return gr.update(), f"Hub search is not available here ({type(error).__name__}); type a repo id."
             return gr.update(choices=[BUILTIN, *found]), f"{len(found)} models found." if found else "No model found."
 
-        def start(request: gr.Request, oauth: gr.OAuthToken | None, progress=PROGRESS, *values):
+        def start(request: gr.Request, oauth: gr.OAuthToken | None, profile: gr.OAuthProfile | None,
+                  progress=PROGRESS, *values):
             # Gradio passes the session, the sign-in and the progress bar first, then the inputs in order
             model_id, steps_now, name = values[:3]
             field_values = values[3:3 + len(inputs)]
@@ -161,7 +162,7 @@ def build_app() -> gr.Blocks:
             images = [str(folder / result.metadata["plots"][key]) for key in PLOT_FILES
                       if key in result.metadata.get("plots", {})]
             card_text = (folder / "README.md").read_text(encoding="utf-8").split("\n---\n", 1)[-1]
-            user = oauth_user(oauth) if on_a_space() else None
+            user = profile.username if on_a_space() and profile is not None else None
             return ("Compressed and saved: compare the columns below, then download or push.", str(folder),
                     result.table, images, archive(folder), card_text,
                     target_now or default_target(user, model_id, recipe_steps))
@@ -199,18 +200,6 @@ def build_app() -> gr.Blocks:
 def forget(request: gr.Request) -> None:
     """A closed tab: its results and cancel flag go."""
     clear_session(request.session_hash)
-
-
-def oauth_user(oauth: gr.OAuthToken | None) -> str | None:
-    """The signed-in user's name, for the default target repo."""
-    if oauth is None:
-        return None
-    try:
-        from huggingface_hub import whoami
-
-        return whoami(token=oauth.token)["name"]
-    except Exception:
-        return None
 
 
 def _calibration(source: str, samples: float | None, length: float | None) -> dict[str, Any]:

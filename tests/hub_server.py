@@ -27,6 +27,7 @@ class HubState:
         self.gated: set[str] = set()
         self.fail_commits = False
         self.commits = 0
+        self.committed_with: dict[str, str] = {}  # repo -> the bearer token of its last commit (tests check whose)
         self.lock = threading.Lock()
 
 
@@ -133,6 +134,7 @@ class Handler(BaseHTTPRequestHandler):
                 entry["files"] = files
                 entry["sha"] = _sha1(entry["sha"].encode() + json.dumps(sorted(files)).encode())
                 self.state.commits += 1
+                self.state.committed_with[m[1]] = self.headers.get("Authorization", "").removeprefix("Bearer ")
             return self._json(200, {"commitOid": entry["sha"], "commitUrl": f"{self._endpoint()}/{m[1]}/commit/"
                                                                              f"{entry['sha']}"})
         self._error(404, "EntryNotFound", f"no route {path}")

@@ -2,6 +2,7 @@
 Chromium against the real app on localhost, a user compresses a model, sees progress and the table, pushes with
 their token to a loopback Hub, and the pushed repo loads; bad options, missing repos and cancel leave it usable."""
 
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from hfcompress.errors import InvalidOptionError
 from hfcompress.recipe import Recipe
 from hfcompress.registry import available_methods
 from hfcompress.space import check_fits, default_target, method_form, step_from_form, steps_yaml
+from tests import oidc_server
 from tests.tiny_models import ROOT_DIR, fingerprint, reloaded_outputs
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -70,19 +72,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def app(hub, tmp_path):
-    """The real app (`python spaces/app.py`) on a free localhost port, its Hub calls going to the loopback Hub."""
+def _start_app(hub, tmp_path, host: str, extra_env: dict | None = None):
+    """`python spaces/app.py` on a free port of `host`, its Hub calls going to the loopback Hub; yields its URL."""
     if not os.path.exists(CHROMIUM) or not _has_playwright():
         pytest.skip("headless Chromium tests need Debian's chromium and the playwright package")
     port = _free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
            "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "app_home"),
-           "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False", "TQDM_DISABLE": "1"}
+           "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False", "TQDM_DISABLE": "1", **(extra_env or {})}
     log = open(tmp_path / "app.log", "w")
     process = subprocess.Popen([sys.executable, "spaces/app.py"], cwd=ROOT_DIR, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -90,10 +90,32 @@ def app(hub, tmp_path):
         except OSError:
             assert process.poll() is None, (tmp_path / "app.log").read_text()
             time.sleep(0.5)
-    yield url, tmp_path
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def app(hub, tmp_path):
+    """The app as run locally: each session types its token."""
+    for url in _start_app(hub, tmp_path, "127.0.0.1"):
+        yield url, tmp_path
+
+
+@pytest.fixture
+def space_app(hub, tmp_path):
+    """The app as on a Space with `hf_oauth: true`: Gradio's real OAuth routes, against the loopback provider
+    (served on `localhost`, where browsers keep the Secure session cookie over plain http)."""
+    server, provider = oidc_server.start()
+    env = {"SYSTEM": "spaces", "SPACE_ID": "tests/hfcompress", "OAUTH_CLIENT_ID": oidc_server.CLIENT_ID,
+           "OAUTH_CLIENT_SECRET": oidc_server.CLIENT_SECRET, "OPENID_PROVIDER_URL": provider.issuer,
+           "OAUTH_SCOPES": "openid profile read-repos write-repos manage-repos"}
+    for url in _start_app(hub, tmp_path, "localhost", env):
+        yield url, provider
+    server.shutdown()
 
 
 def _has_playwright() -> bool:
@@ -105,18 +127,30 @@ def _has_playwright() -> bool:
 
 
 @pytest.fixture
-def page(app, tmp_path):
+def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        # headless, with a fresh profile of playwright's own (it refuses --user-data-dir for a plain launch)
+        # headless, each context with a fresh profile of playwright's own (it refuses --user-data-dir here)
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS[1:])
-        page = browser.new_page(viewport={"width": 1280, "height": 1800})
-        page.set_default_timeout(60_000)
-        page.goto(app[0])
-        page.get_by_role("button", name="Run").wait_for()
-        yield page
+        yield browser
         browser.close()
+
+
+def _open(browser, url: str, cookies: list | None = None):
+    context = browser.new_context(viewport={"width": 1280, "height": 1800})
+    if cookies:
+        context.add_cookies(cookies)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_role("button", name="Run").wait_for()
+    return page
+
+
+@pytest.fixture
+def page(app, browser):
+    return _open(browser, app[0])
 
 
 def _fill(page, elem_id: str, value: str) -> None:
@@ -206,3 +240,37 @@ def _slow_model(folder: Path) -> str:
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+def test_two_signed_in_users_keep_their_own_tokens_and_results(space_app, browser, hub, tiny, tmp_path):
+    """Through Gradio's real OAuth routes: each user signs in, runs and pushes with their own token; the second
+    run waits in the queue, with its position shown, while the first one runs."""
+    url, provider = space_app
+    pages = {}
+    for user in ("alice", "bob"):
+        page = _open(browser, url, [{"name": "user", "value": user, "url": provider.issuer}])
+        assert not page.locator("#token").is_visible()           # on a Space: no token field, the sign-in button
+        page.get_by_role("button", name="Sign in with Hugging Face").click()
+        page.get_by_role("button", name=f"Logout ({user})").wait_for()
+        page.get_by_role("button", name="Run").wait_for()
+        pages[user] = page
+    assert provider.logins == ["alice", "bob"]
+    _configure(pages["alice"], _slow_model(tmp_path / "slow"))
+    _fill(pages["alice"], "n-samples", "64")
+    _fill(pages["alice"], "seq-len", "128")
+    _configure(pages["bob"], tiny("llama"))
+    pages["alice"].get_by_role("button", name="Run").click()
+    pages["alice"].locator("#status .progress-text").first.wait_for()
+    pages["bob"].get_by_role("button", name="Run").click()
+    pages["bob"].locator("#status").get_by_text("queue").first.wait_for()   # e.g. "queue: 1/1"
+    _shot(pages["bob"], "8-second-user-queued")
+    for user, page in pages.items():
+        page.locator("#status").get_by_text("Compressed and saved").wait_for(timeout=300_000)
+        target = page.locator("#target").locator("input, textarea").first.input_value()
+        assert target.startswith(f"{user}/"), target                       # default: {user}/{model}-{method}
+        page.get_by_role("button", name="Push to the Hub").click()
+        page.locator("#pushed").get_by_text("Pushed to").wait_for()
+        assert hub.committed_with[target] == f"hf_oauth_{user}"          # pushed with that user's own token
+    _shot(pages["alice"], "9-first-user-pushed")
+    layers = sorted(json.loads(repo["files"]["config.json"])["num_hidden_layers"] for repo in hub.repos.values())
+    assert layers == [3, 32]                                                # each pushed their own result
