@@ -162,7 +162,7 @@ def build_app() -> gr.Blocks:
             images = [str(folder / result.metadata["plots"][key]) for key in PLOT_FILES
                       if key in result.metadata.get("plots", {})]
             card_text = (folder / "README.md").read_text(encoding="utf-8").split("\n---\n", 1)[-1]
-            user = profile.username if on_a_space() and profile is not None else None
+            user = profile.username if on_a_space() and profile is not None else _whoami(_token(typed, oauth))
             return ("Compressed and saved: compare the columns below, then download or push.", str(folder),
                     result.table, images, archive(folder), card_text,
                     target_now or default_target(user, model_id, recipe_steps))
@@ -200,6 +200,18 @@ def build_app() -> gr.Blocks:
 def forget(request: gr.Request) -> None:
     """A closed tab: its results and cancel flag go."""
     clear_session(request.session_hash)
+
+
+def _whoami(token: str | None) -> str | None:
+    """The name the typed token belongs to (for the default target repo), or None when it cannot be asked."""
+    if token is None:
+        return None
+    try:
+        from huggingface_hub import whoami
+
+        return whoami(token=token)["name"]
+    except Exception:
+        return None
 
 
 def _calibration(source: str, samples: float | None, length: float | None) -> dict[str, Any]:

@@ -222,11 +222,25 @@ def test_bad_option_missing_repo_and_cancel_leave_the_app_usable(page, app, tiny
     _shot(page, "7-cancelled")
     work = Path(app[1]) / "hfcompress-space"
     assert not work.exists() or not any(work.rglob("hfcompress.json"))
-    _fill(page, "model", tiny("llama"))
+    _fill(page, "model", tiny("llama"))                  # still usable: a two-step recipe built in the form
     _fill(page, "n-samples", "4")
     _fill(page, "seq-len", "32")
+    page.get_by_role("button", name="Add step to the recipe").click()
+    _fill(page, "method", "rtn")
+    _fill(page, "rtn-bits", "8")
+    page.get_by_role("button", name="Add step to the recipe").click()
+    page.get_by_role("button", name="Add step to the recipe").click()
+    page.get_by_role("button", name="Remove last step").click()
+    from playwright.sync_api import expect
+
+    expect(page.locator("#recipe").get_by_text("method: rtn")).to_have_count(1)   # added twice, removed once
+    recipe = yaml.safe_load("\n".join(page.locator("#recipe .cm-line").all_inner_texts()))
+    assert [step["method"] for step in recipe["steps"]] == ["wanda", "rtn"] and recipe["steps"][1]["bits"] == [8]
     page.get_by_role("button", name="Run").click()
     page.locator("#status").get_by_text("Compressed and saved").wait_for()
+    _shot(page, "8-two-steps")
+    table = page.locator("#table").inner_text()
+    assert "sparsity" in table and "nominal bits" in table
 
 
 def _slow_model(folder: Path) -> str:
@@ -263,7 +277,7 @@ def test_two_signed_in_users_keep_their_own_tokens_and_results(space_app, browse
     pages["alice"].locator("#status .progress-text").first.wait_for()
     pages["bob"].get_by_role("button", name="Run").click()
     pages["bob"].locator("#status").get_by_text("queue").first.wait_for()   # e.g. "queue: 1/1"
-    _shot(pages["bob"], "8-second-user-queued")
+    _shot(pages["bob"], "9-second-user-queued")
     for user, page in pages.items():
         page.locator("#status").get_by_text("Compressed and saved").wait_for(timeout=300_000)
         target = page.locator("#target").locator("input, textarea").first.input_value()
@@ -271,6 +285,6 @@ def test_two_signed_in_users_keep_their_own_tokens_and_results(space_app, browse
         page.get_by_role("button", name="Push to the Hub").click()
         page.locator("#pushed").get_by_text("Pushed to").wait_for()
         assert hub.committed_with[target] == f"hf_oauth_{user}"          # pushed with that user's own token
-    _shot(pages["alice"], "9-first-user-pushed")
+    _shot(pages["alice"], "10-first-user-pushed")
     layers = sorted(json.loads(repo["files"]["config.json"])["num_hidden_layers"] for repo in hub.repos.values())
     assert layers == [3, 32]                                                # each pushed their own result
