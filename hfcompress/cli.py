@@ -35,7 +35,7 @@ compresses in a few minutes on a laptop CPU)."""
 # (section, field) -> CLI flag, for the recipe sections; method fields use --field-name.
 SECTION_FLAGS = {
     ("model", "revision"): "--revision", ("model", "dtype"): "--dtype", ("model", "device"): "--device",
-    ("model", "trust_remote_code"): "--trust-remote-code",
+    ("model", "compute_dtype"): "--compute-dtype", ("model", "trust_remote_code"): "--trust-remote-code",
     ("calibration", "source"): "--calib", ("calibration", "n_samples"): "--n-samples",
     ("calibration", "seq_len"): "--seq-len", ("calibration", "seed"): "--seed",
     ("calibration", "text_field"): "--text-field", ("calibration", "split"): "--split",

@@ -37,6 +37,9 @@ class Context:
         device: where blocks are computed.
         storage_dtype: the floating dtype the weights are saved in; a quantizer rounds its scales to it so that
             the model in memory equals the model as it will load.
+        compute_dtype: the dtype blocks compute in during the engine's passes (None: the model's own). Only the
+            passes use it: each block runs on a cast copy of its weights, the weights a method reads and edits stay
+            in the model's dtype, and statistics accumulate in fp32.
         progress: `progress(fraction, desc=...)` receives this step's progress (0..1 within the step).
         cancel: returns True when the user asked to stop; checked between blocks.
     """
@@ -44,6 +47,7 @@ class Context:
     calibration: Any = None
     device: torch.device = torch.device("cpu")
     storage_dtype: torch.dtype | None = None
+    compute_dtype: torch.dtype | None = None
     progress: Progress | None = None
     cancel: Callable[[], bool] | None = None
 
@@ -66,5 +70,5 @@ class Context:
             raise TypeError(f"{desc}: the block engine needs calibration data; register the method with "
                             "needs_calibration=True")
         run_blocks(model, self.calibration.batches(), self.device, process, sequential=sequential, desc=desc,
-                   on_block=on_block)
+                   on_block=on_block, compute_dtype=self.compute_dtype)
         self.report(1.0, f"{desc}: done")

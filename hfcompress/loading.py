@@ -176,6 +176,26 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return getattr(torch, name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: CUDA that supports it, or a CPU whose flags list avx512_bf16 or
+    amx_bf16 (read from /proc/cpuinfo, not guessed from the model name)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the calibration passes: `auto` is bfloat16 where the device runs it natively, else float32."""
+    if check_dtype(name) == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return getattr(torch, name)
+
+
 def _from_pretrained_kwargs(model: ResolvedModel) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
     if model.revision:

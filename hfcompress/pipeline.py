@@ -23,7 +23,7 @@ from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
 from .formats import read_metadata, save_model, staged_folder, structure_of, write_metadata, writer_name
 from .formats.compressed_tensors import kernel_warning
 from .hub import check_push_target, check_token, push
-from .loading import ResolvedModel, load_model, load_tokenizer, model_skeleton, pick_device, resolve
+from .loading import ResolvedModel, compute_dtype, load_model, load_tokenizer, model_skeleton, pick_device, resolve
 from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict
 from .plots import block_bars, have_matplotlib, kept_rank_shares, layer_map, module_scores, sparsity_map
@@ -197,7 +197,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     if warning:
         log(f"warning: {warning}")
     recipe = resolve_defaults(recipe, resolved, device)
-    run = Context(device=device, progress=progress, cancel=cancel)
+    run = Context(device=device, progress=progress, cancel=cancel,
+                  compute_dtype=compute_dtype(recipe.model.compute_dtype, device))
     tokenizer = load_tokenizer(resolved)
 
     calibration: CalibrationData | None = None
@@ -244,7 +245,9 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
                      quantized=quantizes or "quantized" in structure.kinds, speed=ev.speed, desc="after",
                      storage_dtype=storage_dtype) if ev.enabled else {})
 
-    dtypes = {"compute": str(model.dtype).removeprefix("torch."), "saved": str(storage_dtype).removeprefix("torch.")}
+    passes = run.compute_dtype or model.dtype
+    dtypes = {"compute": str(model.dtype).removeprefix("torch."), "saved": str(storage_dtype).removeprefix("torch."),
+              "passes": str(passes).removeprefix("torch.")}
     metadata = build_metadata(recipe, resolved, calibration=calibration, device=device, steps=steps_meta,
                               n_windows=None if windows is None else len(windows), structure=structure,
                               before=before, after=after, dtypes=dtypes)
@@ -297,7 +300,7 @@ def _block_plots(result: Result, folder: Any, log: Callable[[str], None]) -> dic
     blocks = [name for name, _ in named_blocks(result.model)]
     plots = {}
     for report in result.reports:
-        if report.stats.get("scores") and report.method == "layer_drop" and have_matplotlib():
+        if report.stats.get("scores") and "dropped" in report.stats and have_matplotlib():
             influence = report.stats["score"] == "influence"
             module_scores(report.stats["scores"][0], report.stats["dropped"], folder / DROP_SCORES,
                           "block influence (lower = more redundant)" if influence else

@@ -32,10 +32,15 @@ class ModelSpec:
     revision: str | None = option(None, "branch, tag or commit of a Hub repo")
     dtype: str = option("auto", "auto (checkpoint dtype on GPU, float32 on CPU), float32, float16 or bfloat16")
     device: str = option("auto", "compute device: auto (cuda when present), cpu, cuda, cuda:N")
+    compute_dtype: str = option("auto", "dtype of the calibration passes through the blocks (statistics stay "
+                                        "float32): auto (bfloat16 where the device runs it natively - CUDA with "
+                                        "bf16, CPUs with AVX512-BF16 or AMX - else float32), float32, bfloat16, "
+                                        "float16")
     trust_remote_code: bool = option(False, "allow the source repo's own modeling code to run")
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
+        check_dtype(self.compute_dtype)
 
 
 @dataclass

@@ -84,17 +84,38 @@ def device_of(module: nn.Module, default: torch.device | None = None) -> torch.d
     return param.device if param is not None else (default or torch.device("cpu"))
 
 
-def move(value: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to `device`. Detached first: a captured input must never be
-    a model Parameter itself (DeBERTa passes `rel_embeddings.weight` to every block), or moving the model's parameters
-    home would move the captured input with them."""
+def move(value: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to `device` (floating ones cast to `dtype` when given).
+    Detached first: a captured input must never be a model Parameter itself (DeBERTa passes `rel_embeddings.weight`
+    to every block), or moving the model's parameters home would move the captured input with them."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
+        value = value.detach().to(device)
+        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
     if isinstance(value, (tuple, list)):
-        return type(value)(move(v, device) for v in value)
+        return type(value)(move(v, device, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: move(v, device) for k, v in value.items()}
+        return {k: move(v, device, dtype) for k, v in value.items()}
     return value
+
+
+@contextmanager
+def computing_in(module: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """While active, `module` computes in `dtype`: each floating parameter holds a cast copy, and gets its own
+    tensor back afterwards, untouched (so weights a method does not change are saved exactly as they were, and the
+    weights it edits are edited at full precision). Buffers keep their dtype (rotary frequencies stay exact)."""
+    if dtype is None:
+        yield
+        return
+    originals = {}
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            originals[param] = param.data
+            param.data = param.data.to(dtype)
+    try:
+        yield
+    finally:
+        for param, data in originals.items():
+            param.data = data
 
 
 def model_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
@@ -139,18 +160,19 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tenso
 
 @torch.no_grad()
 def capture_stack_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor],
-                         device: torch.device) -> list[Inputs]:
+                         device: torch.device, dtype: torch.dtype | None = None) -> list[Inputs]:
     """What each of `blocks` (consecutive blocks of one stack) receives per batch, on `device`, in one forward pass
     per batch that computes none of them: every block records its inputs and hands its hidden states on unchanged,
     and the last one stops the forward. The first block's inputs are complete; for the others the hidden states
     are left out (None: the engine fills in the previous block's outputs) and the keyword arguments are kept, since
-    they may differ by layer type (sliding-window vs full-attention masks, local vs global rotary tables)."""
+    they may differ by layer type (sliding-window vs full-attention masks, local vs global rotary tables). Floating
+    inputs are cast to `dtype` when given (the blocks' compute dtype)."""
     captured: list[Inputs] = [[] for _ in blocks]
     first_output: list[Any] = []                    # block 0's real output on batch 0: the form to hand on
 
     def recorder(index: int, real: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            args, kwargs = move(args, device), move(kwargs, device)
+            args, kwargs = move(args, device, dtype), move(kwargs, device, dtype)
             batch = len(captured[index])
             earlier = [captured[index][0][1]] if batch else []         # the same block, first batch
             earlier += [captured[i][batch][1] for i in {index - 1, 0} if 0 <= i < index]
@@ -160,7 +182,8 @@ def capture_stack_inputs(model: nn.Module, blocks: list[nn.Module], batches: lis
             if index == len(blocks) - 1:
                 raise _StopForward
             if not first_output:
-                first_output.append(real(*args, **kwargs))
+                with computing_in(blocks[index], dtype):
+                    first_output.append(real(*args, **kwargs))
             return with_hidden_output(first_output[0], hidden)
 
         return forward
@@ -261,6 +284,7 @@ def run_blocks(
     sequential: bool = True,
     desc: str = "blocks",
     on_block: Callable[[int, int, str], None] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Call `process_block(BlockStep)` for every transformer block, one block on `device` at a time.
 
@@ -270,6 +294,7 @@ def run_blocks(
     `sequential=False` later blocks see dense activations, which equals processing the whole model at once (for a
     model with several block stacks, a later stack's inputs come from the already-compressed earlier stacks).
     `on_block(done, total, name)` is called before each block (progress, and a cancel that raises between blocks).
+    With `compute_dtype`, the blocks and their inputs compute in that dtype during the passes (see `computing_in`).
     """
     device = torch.device(device)
     stacks = block_stacks(model)
@@ -279,7 +304,7 @@ def run_blocks(
     for stack_name, stack in stacks:
         move_outer(model, device)  # embeddings etc. are needed only to compute the first block's inputs
         try:
-            captured = capture_stack_inputs(model, list(stack), batches, device)
+            captured = capture_stack_inputs(model, list(stack), batches, device, compute_dtype)
         finally:
             move_outer(model, home)
         outputs: list[torch.Tensor] = []
@@ -292,7 +317,8 @@ def run_blocks(
             captured[index] = []
             block.to(device)
             try:
-                outputs = _process_block(f"{stack_name}.{index}", block, inputs, process_block, sequential)
+                outputs = _process_block(f"{stack_name}.{index}", block, inputs, process_block, sequential,
+                                         compute_dtype)
             finally:  # an error or Ctrl-C must not leave a block on the GPU
                 block.to(homes[id(block)])
                 if device.type == "cuda":
@@ -300,13 +326,14 @@ def run_blocks(
             done += 1
 
 
-def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block,
-                   sequential: bool) -> list[torch.Tensor]:
+def _process_block(name: str, block: nn.Module, inputs: Inputs, process_block, sequential: bool,
+                   compute_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Let the method observe and compress `block`; return its outputs (the next block's hidden states)."""
     dense_outputs: list[torch.Tensor] = []
 
     def run() -> list[torch.Tensor]:
-        outputs = [hidden_output(block(*args, **kwargs)) for args, kwargs in inputs]
+        with computing_in(block, compute_dtype):
+            outputs = [hidden_output(block(*args, **kwargs)) for args, kwargs in inputs]
         if not sequential and not dense_outputs:  # one-shot mode feeds the dense outputs forward
             dense_outputs.extend(outputs)
         return outputs

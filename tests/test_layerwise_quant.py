@@ -63,7 +63,7 @@ def test_bad_layerwise_options_are_refused_before_loading(tiny, monkeypatch):
         run(bits=[4, 2])
     with pytest.raises(InvalidOptionError, match="give one of --avg-bits .* or --target-size"):
         run(bits=[4, 2], avg_bits=3, target_size="1MB")
-    with pytest.raises(InvalidOptionError, match="is not a size; write e.g. `100MB`"):
+    with pytest.raises(InvalidOptionError, match="is not valid; write e.g. `100MB`"):
         run(target_size="100 parsecs")
     for target in ("15MB", "15.8MB"):  # the tiny model's files reach 15.675-15.703 MB with 4,2 (fp32 embeddings)
         with pytest.raises(InvalidOptionError, match=r"outside what the levels \[4, 2\] reach: 15\.675 MB \(every "
