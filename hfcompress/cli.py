@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import HfCompressError, InvalidOptionError, choices
 from .options import config_fields, from_values
-from .recipe import CalibrationSpec, EvaluationSpec, ModelSpec, OutputSpec, Recipe
+from .recipe import CalibrationSpec, EvaluationSpec, ModelSpec, OutputSpec, Recipe, default_name, unused_folder
 from .registry import available_methods, methods_table
 
 EXAMPLES = """examples:
@@ -157,6 +157,10 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise InvalidOptionError("name a MODEL (or give --recipe with a `model`)")
     if args.no_eval:
         data.setdefault("evaluation", {})["enabled"] = False
+    output = data.setdefault("output", {})
+    if not output.get("dir"):  # a run from the command line is never lost: it goes to a new folder named after it
+        model = data["model"]["id"] if isinstance(data["model"], dict) else data["model"]
+        output["dir"] = unused_folder(os.path.join("out", default_name(model, [s["method"] for s in data["steps"]])))
     return Recipe.from_dict(data)
 
 
@@ -194,8 +198,9 @@ def _run(args: argparse.Namespace) -> None:
         elif args.plot:
             print("no plot: pip install 'hfcompress[plots]' to draw it", file=sys.stderr)
     elif args.command == "push":
-        from .hub import push
+        from .hub import check_token, push
 
+        check_token()  # before any network call: a missing token is one clear line, not a connection error
         print(push(args.folder, args.to, private=args.private))
     elif args.command == "card":
         from pathlib import Path

@@ -81,11 +81,27 @@ class EvaluationSpec:
 
 @dataclass
 class OutputSpec:
-    dir: str | None = option(None, "output folder (written to a temporary folder, then renamed into place)")
+    dir: str | None = option(None, "output folder (written to a temporary folder, then renamed into place; the "
+                                   "command line's default is a new out/{model}-{method} folder)")
     overwrite: bool = option(False, "replace an existing non-empty output folder")
     push_to: str | None = option(None, "Hub repo id to push the result to")
     private: bool = option(False, "create the pushed repo as private")
 
+
+
+def default_name(model: str, methods: list[str]) -> str:
+    """`{model}-{method}[-{method}...]`, the name hfcompress gives an output that was not named (folder or repo)."""
+    name = os.path.basename(model.removeprefix("builtin:").rstrip("/")) or "model"
+    return f"{name}-{'-'.join(method.replace('_', '-') for method in methods) or 'compressed'}"
+
+
+def unused_folder(base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ... : the first that does not exist yet."""
+    candidate, number = base, 1
+    while os.path.exists(candidate):
+        number += 1
+        candidate = f"{base}-{number}"
+    return candidate
 
 SECTIONS = {"model": ModelSpec, "calibration": CalibrationSpec, "evaluation": EvaluationSpec, "output": OutputSpec}
 

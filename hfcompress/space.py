@@ -24,6 +24,7 @@ import yaml
 
 from .errors import HfCompressError, InvalidOptionError
 from .options import config_fields, config_to_dict, make_config
+from .recipe import default_name
 from .registry import available_methods
 
 BUILTIN = "builtin:smollm2-135m"
@@ -96,9 +97,7 @@ def steps_yaml(model: str, steps: list[dict[str, Any]], calibration: dict[str, A
 
 def default_target(user: str | None, model: str, steps: list[dict[str, Any]]) -> str:
     """`{user}/{model}-{method}[-{method}...]`; `me` stands for the user until one is known."""
-    name = model.removeprefix("builtin:").rstrip("/").split("/")[-1] or "model"
-    methods = "-".join(step["method"].replace("_", "-") for step in steps) or "compressed"
-    return f"{user or 'me'}/{name}-{methods}"
+    return f"{user or 'me'}/{default_name(model, [step['method'] for step in steps])}"
 
 
 def check_fits(model: str, token: str | None = None, available: int | None = None) -> int:

@@ -69,3 +69,21 @@ def test_method_flag_keeps_the_recipe_step_options_and_unused_flags_are_errors(t
 def test_card_on_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["card", str(tmp_path / "nope")]) == 2
     assert "not an hfcompress output" in capsys.readouterr().err
+
+
+def test_a_run_without_out_is_saved_to_a_new_folder_named_after_it(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--method", "magnitude", "--sparsity", "0.3", "--no-eval"]
+    assert main(["compress", tiny("llama"), *flags]) == 0
+    assert main(["compress", tiny("llama"), *flags]) == 0                     # never onto the first one
+    name = f"{tiny('llama').rstrip('/').rsplit('/', 1)[-1]}-magnitude"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [name, f"{name}-2"]
+    assert all((tmp_path / "out" / n / "hfcompress.json").is_file() for n in (name, f"{name}-2"))
+    assert f"saved to {tmp_path / 'out' / name}" in capsys.readouterr().err.replace("out/", f"{tmp_path}/out/")
+
+
+def test_push_without_a_token_says_so_before_any_network_call(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")     # nothing listens: a network call would fail
+    (tmp_path / "out").mkdir()
+    assert main(["push", str(tmp_path / "out"), "--to", "me/x"]) == 2
+    assert "pushing needs a Hub token" in capsys.readouterr().err
