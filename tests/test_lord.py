@@ -137,3 +137,19 @@ def test_factors_quantize_and_reload(tiny, tmp_path):
     with pytest.raises(InvalidOptionError, match="after an earlier step made it quantized"):
         hfcompress.compress({"model": tiny("qwen2"), "steps": [{"method": "rtn", "bits": 4}, {"method": "lord"}]},
                             log=lambda line: None)
+
+
+def test_factors_take_a_mixed_precision_allocation(tiny, tmp_path):
+    """lord then layerwise_quant: the blocks' factors get the bits of their block, and the output reloads."""
+    out = tmp_path / "out"
+    result = hfcompress.compress({"model": tiny("llama"), "steps": [
+        {"method": "lord", "mode": "svd", "rank_multiple": 16},
+        {"method": "layerwise_quant", "layer_bits": [8, 4, 2], "group_size": 16}],
+        "evaluation": {"enabled": False}, "calibration": CALIBRATION, "output": {"dir": str(out)}},
+        log=lambda line: None)
+    bits = result.structure.of_kind("quantized")
+    for name in result.structure.of_kind("lowrank"):
+        block = int(name.split(".")[2])
+        assert bits[f"{name}.first"]["bits"] == bits[f"{name}.second"]["bits"] == [8, 4, 2][block], name
+    reloaded = reloaded_outputs(str(out), tmp_path)
+    assert torch.equal(reloaded["hfcompress"], fingerprint(result.model))
