@@ -140,7 +140,8 @@ def build_app() -> gr.Blocks:
                 found = [m.id for m in HfApi().list_models(search=text.strip(), limit=20, sort="downloads")]
             except Exception as error:  # offline, or the Hub is down: the picker keeps working with typed ids
                 return gr.update(), f"Hub search is not available here ({type(error).__name__}); type a repo id."
-            return gr.update(choices=[BUILTIN, *found]), f"{len(found)} models found." if found else "No model found."
+            plural = "" if len(found) == 1 else "s"
+            return gr.update(choices=[BUILTIN, *found]), f"{len(found)} model{plural} found on the Hub."
 
         def start(request: gr.Request, oauth: gr.OAuthToken | None, profile: gr.OAuthProfile | None,
                   progress=PROGRESS, *values):

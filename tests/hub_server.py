@@ -13,7 +13,7 @@ import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import yaml
 
@@ -176,7 +176,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self._resolve(head=False):
             return
-        path = unquote(urlparse(self.path).path)
+        url = urlparse(self.path)
+        path = unquote(url.path)
+        if path == "/api/models":  # search: the public repos whose id contains the text
+            text = parse_qs(url.query).get("search", [""])[0].lower()
+            public = [repo for repo, entry in sorted(self.state.repos.items()) if not entry["private"]]
+            found = [{"id": repo, "modelId": repo, "private": False} for repo in public if text in repo.lower()]
+            return self._json(200, found)
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
             entry = self._repo(m[1])
             if entry is None:

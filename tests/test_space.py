@@ -188,6 +188,12 @@ def test_compress_then_push_from_the_browser(page, hub, tiny, app, tmp_path):
     page.get_by_role("button", name="Push to the Hub").click()
     page.locator("#pushed").get_by_text("Pushed to").wait_for()
     _shot(page, "4-pushed")
+    hub.repos["alice/tiny-wanda"]["private"] = False                    # searchable once public
+    _fill(page, "query", "tiny-wan")
+    page.get_by_role("button", name="Search").click()
+    page.locator("#status").get_by_text("1 model found on the Hub.").wait_for()
+    page.locator("#model").locator("input").first.click()
+    page.get_by_role("option", name="alice/tiny-wanda").wait_for()     # the picker offers what the Hub found
     assert "alice/tiny-wanda" in hub.repos and "model.safetensors" in hub.repos["alice/tiny-wanda"]["files"]
     assert yaml.safe_load(hub.repos["alice/tiny-wanda"]["files"]["README.md"].decode().split("---")[1])
 
