@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import HfCompressError, InvalidOptionError
-from .options import config_fields, config_to_dict, make_config
+from .options import config_fields, config_to_dict, field_types, make_config
 from .recipe import default_name
 from .registry import available_methods
 
@@ -49,7 +49,7 @@ class FormField:
 def method_form(method: str) -> list[FormField]:
     """The inputs of `method`'s form, one per config field, in declaration order."""
     config_class = available_methods()[method].config_class
-    hints = typing.get_type_hints(config_class)
+    hints = field_types(config_class)
     fields = []
     for f in config_fields(config_class):
         default, hint = f.default, hints[f.name]

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..context import Context
 from ..errors import InvalidOptionError, choices
+from ..evaluate import parameter_count
 from ..modules import LowRankLinear, replace_module
 from ..options import check_choices, option, parse_quantity
 from ..registry import Report, register
@@ -189,7 +190,7 @@ def weights_to_keep(model: nn.Module, config: LordConfig, shapes: dict[str, tupl
     if config.tolerance is not None:
         return None
     if config.target_params is not None:
-        everything = sum(p.numel() for p in model.parameters())
+        everything = parameter_count(model)  # the table's count
         target = parse_count(config.target_params)
         keep = total - (everything - target)
         what = f"target_params {config.target_params} ({everything:,} parameters now)"
