@@ -3,6 +3,7 @@
     hfcompress compress builtin:smollm2-135m --method wanda --sparsity 0.5 --out out/smollm2-wanda
     hfcompress compress --recipe recipe.yaml --n-samples 64
     hfcompress eval out/smollm2-wanda
+    hfcompress export out/smollm2-wanda --onnx out/smollm2-wanda-onnx
     hfcompress push out/smollm2-wanda --to me/smollm2-wanda --private
     hfcompress card out/smollm2-wanda
     hfcompress importance builtin:smollm2-135m --score lim --plot importance.png
@@ -20,7 +21,16 @@ from typing import Any
 
 from .errors import HfCompressError, InvalidOptionError, choices
 from .options import config_fields, from_values
-from .recipe import CalibrationSpec, EvaluationSpec, ModelSpec, OutputSpec, Recipe, default_name, unused_folder
+from .recipe import (
+    CalibrationSpec,
+    EvaluationSpec,
+    ExportSpec,
+    ModelSpec,
+    OutputSpec,
+    Recipe,
+    default_name,
+    unused_folder,
+)
 from .registry import available_methods, methods_table
 
 EXAMPLES = """examples:
@@ -44,10 +54,10 @@ SECTION_FLAGS = {
     ("evaluation", "n_windows"): "--eval-windows", ("evaluation", "text_field"): "--eval-text-field",
     ("evaluation", "split"): "--eval-split", ("evaluation", "subset"): "--eval-subset",
     ("output", "dir"): "--out", ("output", "overwrite"): "--overwrite", ("output", "push_to"): "--push-to",
-    ("output", "private"): "--private",
+    ("output", "private"): "--private", ("export", "onnx"): "--onnx",
 }
 SECTION_CLASSES = {"model": ModelSpec, "calibration": CalibrationSpec, "evaluation": EvaluationSpec,
-                   "output": OutputSpec}
+                   "output": OutputSpec, "export": ExportSpec}
 
 
 def _flag_dest(flag: str) -> str:
@@ -95,12 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--method", help=f"compression method: {', '.join(available_methods())}")
     comp.add_argument("--recipe", help="YAML recipe; flags given beside it override its fields")
     comp.add_argument("--no-eval", action="store_true", help="skip the before/after measurements")
-    _add_section_flags(comp, ("model", "calibration", "evaluation", "output"))
+    _add_section_flags(comp, ("model", "calibration", "evaluation", "output", "export"))
     _add_method_flags(comp)
 
     ev = sub.add_parser("eval", help="measure a model: perplexity, size, parameters, sparsity, tokens/s")
     ev.add_argument("model")
     _add_section_flags(ev, ("model", "evaluation"))
+
+    export = sub.add_parser("export", help="export a model folder to ONNX, validated in ONNX Runtime",
+                            description="Trace FOLDER (an hfcompress output, a model folder or a Hub repo) to one "
+                                        "ONNX graph (causal LMs: with KV-cache inputs), quantized layers as native "
+                                        "MatMulNBits; check it against PyTorch in ONNX Runtime and write it with "
+                                        "its card to --onnx. A failed check writes nothing.")
+    export.add_argument("folder")
+    export.add_argument("--onnx", required=True, help="output folder for the ONNX export")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --onnx")
+    export.add_argument("--device", default="cpu", help="ONNX Runtime provider: cpu, or cuda (with onnxruntime-gpu)")
+    export.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
 
     push = sub.add_parser("push", help="push an output folder to the Hub in one commit")
     push.add_argument("folder")
@@ -197,6 +218,13 @@ def _run(args: argparse.Namespace) -> None:
             print(f"wrote {args.plot}")
         elif args.plot:
             print("no plot: pip install 'hfcompress[plots]' to draw it", file=sys.stderr)
+    elif args.command == "export":
+        from .export import export_onnx
+
+        report = export_onnx(args.folder, args.onnx, overwrite=args.overwrite, device=args.device,
+                             speed=not args.no_speed, log=lambda line: print(line, file=sys.stderr))
+        print(f"wrote {args.onnx} ({report['size_bytes'] / 1e6:.1f} MB), validated: "
+              f"max |onnx - torch| {report['validation']['max_abs_difference']:.3g}")
     elif args.command == "push":
         from .hub import check_token, push
 

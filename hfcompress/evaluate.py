@@ -162,28 +162,32 @@ def pad_token_id(generation_config: Any) -> int | None:
     return eos[0] if isinstance(eos, (list, tuple)) and eos else eos
 
 
-@torch.no_grad()
-def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.device, new_tokens: int = 32,
-                      repeats: int = 3) -> dict[str, float]:
-    """Prefill tokens/s (one forward over `prompt` (1, T)), fastest of `repeats` after a warm-up, and greedy decode
-    tokens/s with a KV cache: the median over `repeats` rounds of t(generate `new_tokens`) - t(generate 1), timed
-    back to back, so the prompt's own prefill is not counted as decoding. Decode is left out when the difference
-    drowns in noise."""
-    prompt = prompt.to(device)
-    pad = pad_token_id(model.generation_config)
-
-    def generate(n: int) -> Callable[[], Any]:
-        return lambda: model.generate(prompt[:, :32], max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      pad_token_id=pad)
-
-    prefill = min([_seconds(lambda: model(input_ids=prompt, use_cache=False), device)
-                   for _ in range(repeats + 1)][1:])  # the first run warms up; noise only ever adds time
-    rounds = [(_seconds(generate(1), device), _seconds(generate(new_tokens), device)) for _ in range(repeats + 1)]
+def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any], prompt_tokens: int, device: torch.device,
+                new_tokens: int = 32, repeats: int = 3) -> dict[str, float]:
+    """Prefill tokens/s (`forward()` over a prompt of `prompt_tokens`), fastest of `repeats` after a warm-up, and
+    greedy decode tokens/s with a KV cache: the median over `repeats` rounds of t(generate(new_tokens)) -
+    t(generate(1)), timed back to back, so the prompt's own prefill is not counted as decoding. Decode is left out
+    when the difference drowns in noise. Any runtime: PyTorch here, ONNX Runtime for exports."""
+    prefill = min([_seconds(forward, device) for _ in range(repeats + 1)][1:])  # the first run warms up
+    rounds = [(_seconds(lambda: generate(1), device), _seconds(lambda: generate(new_tokens), device))
+              for _ in range(repeats + 1)]
     decode = sorted(many - one for one, many in rounds[1:])[repeats // 2]  # median of back-to-back differences
-    speed = {"prefill_tokens_per_s": prompt.shape[1] / prefill}
+    speed = {"prefill_tokens_per_s": prompt_tokens / prefill}
     if decode > 0.1 * min(many for _, many in rounds[1:]):  # else the machine was too busy to tell them apart
         speed["decode_tokens_per_s"] = (new_tokens - 1) / decode
     return speed
+
+
+@torch.no_grad()
+def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.device, new_tokens: int = 32,
+                      repeats: int = 3) -> dict[str, float]:
+    """`timed_speed` of `model.generate` from the first 32 tokens of `prompt` (1, T), prefill over all of it."""
+    prompt = prompt.to(device)
+    pad = pad_token_id(model.generation_config)
+    return timed_speed(lambda: model(input_ids=prompt, use_cache=False),
+                       lambda n: model.generate(prompt[:, :32], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                pad_token_id=pad),
+                       prompt.shape[1], device, new_tokens, repeats)
 
 
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,

@@ -50,6 +50,7 @@ class Result:
     metadata: dict[str, Any] = field(default_factory=dict)
     folder: str | None = None
     push_url: str | None = None
+    onnx: dict[str, Any] | None = None  # the ONNX export's report, when the recipe asked for one
 
     @property
     def table(self) -> str:
@@ -188,6 +189,10 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
                        trust_remote_code=recipe.model.trust_remote_code, token=token)
     source = source_structure(resolved)  # read once: planning and the run both start from it
     planned = plan(resolved, recipe, source)
+    if recipe.export.onnx:
+        from .export import check_family
+
+        check_family(resolved.family, recipe.model.id)
     if recipe.output.push_to:  # e.g. builtin:smollm2-135m is HuggingFaceTB/SmolLM2-135M-Instruct on the Hub
         check_push_target(recipe.output.push_to, resolved.base_model)
         check_token(token)
@@ -257,6 +262,13 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
         run.report(0.97, "saving")
         _save(result, recipe, storage_dtype, log)
         log(f"saved to {recipe.output.dir}")
+    if recipe.export.onnx:
+        from .export import export_onnx
+
+        run.report(0.98, "exporting to ONNX")
+        result.onnx = export_onnx(recipe.output.dir, recipe.export.onnx, overwrite=recipe.output.overwrite,
+                                  speed=recipe.export.speed, log=log)
+        log(f"exported to {recipe.export.onnx}")
     if recipe.output.push_to:
         result.push_url = push(result.folder, recipe.output.push_to, private=recipe.output.private, token=token)
         log(f"pushed: {result.push_url}")

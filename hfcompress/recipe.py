@@ -89,6 +89,13 @@ class OutputSpec:
 
 
 
+@dataclass
+class ExportSpec:
+    onnx: str | None = option(None, "also export the saved output to this ONNX folder (validated in ONNX Runtime "
+                                    "against PyTorch; needs `pip install 'hfcompress[onnx]'`)")
+    speed: bool = option(True, "measure the ONNX graph's prefill and decode tokens/s beside PyTorch's")
+
+
 def default_name(model: str, methods: list[str]) -> str:
     """`{model}-{method}[-{method}...]`, the name hfcompress gives an output that was not named (folder or repo)."""
     name = os.path.basename(model.removeprefix("builtin:").rstrip("/")) or "model"
@@ -103,7 +110,8 @@ def unused_folder(base: str) -> str:
         candidate = f"{base}-{number}"
     return candidate
 
-SECTIONS = {"model": ModelSpec, "calibration": CalibrationSpec, "evaluation": EvaluationSpec, "output": OutputSpec}
+SECTIONS = {"model": ModelSpec, "calibration": CalibrationSpec, "evaluation": EvaluationSpec, "output": OutputSpec,
+            "export": ExportSpec}
 
 
 def _section(cls: type, value: Any, name: str) -> Any:
@@ -139,6 +147,7 @@ class Recipe:
         calibration: where calibration text comes from and how much of it.
         evaluation: what to measure before and after.
         output: where to write and push the result.
+        export: what to export the saved result to (ONNX).
     """
 
     model: Any
@@ -146,6 +155,7 @@ class Recipe:
     calibration: Any = None
     evaluation: Any = None
     output: Any = None
+    export: Any = None
 
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():
@@ -184,7 +194,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"model": dataclasses.asdict(self.model),
                                 "steps": [config_to_dict(step) for step in self.steps]}
-        for name in ("calibration", "evaluation", "output"):
+        for name in ("calibration", "evaluation", "output", "export"):
             data[name] = dataclasses.asdict(getattr(self, name))
         return data
 
@@ -205,3 +215,10 @@ class Recipe:
             raise InvalidOptionError("pushing needs an output folder: set output.dir (--out)")
         if out.push_to:
             check_push_target(out.push_to, self.model.id)
+        if self.export.onnx:
+            from .export import check_packages
+
+            if not out.dir:
+                raise InvalidOptionError("exporting to ONNX needs an output folder: set output.dir (--out)")
+            check_packages()
+            check_output_folder(self.export.onnx, out.overwrite, self.model.id)

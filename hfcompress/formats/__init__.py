@@ -131,5 +131,8 @@ def load(path_or_repo: str, **kwargs: Any) -> Any:
     if metadata.get("format_version", 0) > FORMAT_VERSION:
         raise ModelLoadError(f"{path_or_repo} was written by a newer hfcompress (format "
                              f"{metadata['format_version']}); pip install -U hfcompress")
+    if loading_needs(metadata)["format"] == "onnx":
+        raise ModelLoadError(f"{path_or_repo} is an ONNX export: run model.onnx with onnxruntime (its README shows "
+                             "how), or load the folder it was exported from")
     check_packages(loading_needs(metadata)["packages"], path_or_repo)
     return model_class(resolved).from_pretrained(path_or_repo, **kwargs).eval()

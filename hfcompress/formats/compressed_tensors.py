@@ -55,6 +55,16 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)  # the same 32 bits, signed
 
 
+def unpack_int32(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """The inverse of `pack_int32`: int32 words (out, ceil(in * b / 32)) -> signed b-bit integers (out, in) int8."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF                           # the unsigned 32-bit words
+    words = torch.cat([words, torch.zeros_like(words[:, :1])], dim=1)     # a zero word after the last spill
+    start = torch.arange(columns, device=packed.device) * bits
+    word, offset = start // 32, start % 32
+    values = ((words[:, word] >> offset) | (words[:, word + 1] << (32 - offset))) & ((1 << bits) - 1)
+    return (values - 2 ** (bits - 1)).to(torch.int8)
+
+
 def stored_layer_bytes(rows: int, columns: int, bits: int, group_size: int, scale_bytes: int) -> int:
     """Bytes this writer stores for one quantized (rows, columns) weight: packed words, scales and the shape."""
     return rows * -(-columns * bits // 32) * 4 + rows * (columns // group_size) * scale_bytes + 2 * 8
