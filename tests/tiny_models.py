@@ -6,7 +6,9 @@ Every builder returns a saved model folder with a tokenizer (the all-MiniLM-L6-v
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -125,15 +127,62 @@ torch.save(results, out)
 loading (or the error message), with the PACKAGEs hidden as if they were not installed."""
 
 
+# A process that has imported torch, transformers and hfcompress (and done nothing else) forks one child per reload:
+# each child is a fresh process that never saw the tests' compression, without paying the imports again. Reloads that
+# hide packages, or run in another environment, start their own interpreter instead.
+ZYGOTE = """
+import json, os, sys, traceback
+import torch, transformers, hfcompress
+for line in sys.stdin:
+    argv, env, script = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(2, 1)  # the child's prints must not reach the parent's answers
+        sys.stdin = open(os.devnull)  # as for a new interpreter under pytest: no prompt waits (trust_remote_code)
+        os.dup2(sys.stdin.fileno(), 0)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = ["-c", *argv]
+        code = 0
+        try:
+            exec(compile(script, "<reload>", "exec"), {"__name__": "__main__"})
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+_zygote: subprocess.Popen | None = None
+
+
+def _forked_reload(argv: list[str]) -> bool:
+    """Run RELOAD with `argv` in a fork of the zygote; False when that could not be done (the caller then runs it in
+    a new interpreter, which also gives the error output)."""
+    global _zygote
+    if not hasattr(os, "fork"):
+        return False
+    if _zygote is None or _zygote.poll() is not None:
+        _zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True, cwd=ROOT_DIR)
+        atexit.register(_zygote.kill)
+    _zygote.stdin.write(json.dumps([argv, dict(os.environ), RELOAD]) + "\n")
+    _zygote.stdin.flush()
+    answer = _zygote.stdout.readline()
+    return answer.strip() == "0"
+
+
 def reloaded_outputs(location: str, tmp_path: Path, env: dict | None = None,
                      hide: tuple[str, ...] = ()) -> dict[str, torch.Tensor | str]:
-    """`fingerprint` of `location` loaded in a fresh interpreter with plain transformers and with hfcompress.load
+    """`fingerprint` of `location` loaded in a fresh process with plain transformers and with hfcompress.load
     (`env`, when given, is the subprocess's whole environment; `hide` lists import names to pretend missing). A load
     that fails gives its error message instead of a tensor."""
     out = tmp_path / "reloaded.pt"
-    result = subprocess.run([sys.executable, "-c", RELOAD, location, str(out), *hide], capture_output=True,
-                            text=True, cwd=ROOT_DIR, env=env, timeout=600)
-    assert result.returncode == 0, f"reloading {location} failed:\n{result.stderr[-3000:]}"
+    argv = [location, str(out), *hide]
+    if env is not None or hide or not _forked_reload(argv):
+        result = subprocess.run([sys.executable, "-c", RELOAD, *argv], capture_output=True, text=True,
+                                cwd=ROOT_DIR, env=env, timeout=600)
+        assert result.returncode == 0, f"reloading {location} failed:\n{result.stderr[-3000:]}"
     return torch.load(out)
 
 

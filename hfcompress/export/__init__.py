@@ -37,6 +37,8 @@ class ExportError(HfCompressError):
 
 def check_packages() -> None:
     missing = [package for module, package in PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if importlib.util.find_spec("transformers.exporters") is None:  # transformers' ONNX exporter, 5.25 tested
+        missing.append("transformers>=5.25")
     if missing:
         raise ExportError(f"ONNX export needs {', '.join(missing)}: pip install 'hfcompress[onnx]'")
 

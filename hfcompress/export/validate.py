@@ -37,9 +37,9 @@ def torch_step(model: torch.nn.Module) -> Callable:
 
     @torch.no_grad()
     def step(ids: np.ndarray, cache: Any, past: int) -> tuple[np.ndarray, Any]:
-        out = model(input_ids=torch.from_numpy(ids), past_key_values=cache if past else DynamicCache(),
+        out = model(input_ids=torch.from_numpy(ids), cache=cache if past else DynamicCache(),
                     position_ids=torch.arange(past, past + ids.shape[1]).unsqueeze(0), use_cache=True)
-        return out.logits.float().numpy(), out.past_key_values
+        return out.logits.float().numpy(), out.cache
 
     return step
 
