@@ -30,6 +30,13 @@ def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl", ".json")) or source.count("/") > 1
 
 
+def hub_dataset_id(source: str) -> str | None:
+    """`source` when it names a Hub dataset (not `builtin`, a file or a local dataset folder), else None."""
+    if source == BUILTIN or looks_like_path(source) or os.path.isdir(os.path.expanduser(source)):
+        return None
+    return source
+
+
 def read_text(source: str, purpose: str = "calibration", *, text_field: str = "text", split: str = "train",
               subset: str | None = None) -> str:
     """All text of `source` joined by blank lines. `purpose` picks the built-in book set: calibration or evaluation.

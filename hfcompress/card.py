@@ -11,8 +11,11 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .hub import UNPUSHED_REPO
+from .hub import UNPUSHED_NOTE, UNPUSHED_REPO
 
+BUILTIN_TEXT = "builtin"
+BUILTIN_DESCRIPTION = ("the built-in evaluation book, *The Hound of the Baskervilles* (A. Conan Doyle, 1902, public "
+                       "domain, from Project Gutenberg)")
 PIPELINE_TAGS = {"causal-lm": "text-generation", "encoder": "feature-extraction",
                  "vision": "image-feature-extraction", "vision-language": None}
 TEMPLATE = "model_card.md.j2"
@@ -30,15 +33,16 @@ def _usage(metadata: dict[str, Any], repo: str) -> str:
     from .formats import loading_needs
 
     needs = loading_needs(metadata)
+    where = UNPUSHED_NOTE if repo == UNPUSHED_REPO else ""
     if metadata["family"] == "causal-lm":
         install = "".join(f"# pip install {shlex.quote(package)}\n" for package in needs["packages"])
         trust = ", trust_remote_code=True" if needs["trust_remote_code"] else ""
-        return (f'{install}from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+        return (f'{install}{where}from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
                 f'model = AutoModelForCausalLM.from_pretrained("{repo}"{trust})\n'
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo}")\n'
                 f'inputs = tokenizer("The Time Traveller", return_tensors="pt")\n'
                 f'print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))')
-    return f'import hfcompress\n\nmodel = hfcompress.load("{repo}")'
+    return f'{where}import hfcompress\n\nmodel = hfcompress.load("{repo}")'
 
 
 def _compatibility(metadata: dict[str, Any]) -> str:
@@ -82,6 +86,13 @@ def _tags(metadata: dict[str, Any], methods: list[str]) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def _evaluation_text(evaluation: dict[str, Any]) -> str:
+    source = evaluation.get("source", BUILTIN_TEXT)
+    if source == BUILTIN_TEXT:
+        return BUILTIN_DESCRIPTION
+    return f"`{source}`" + (f" ({evaluation['subset']})" if evaluation.get("subset") else "") + " text"
+
+
 def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
     """The README.md text for a compressed model described by `metadata` (the content of hfcompress.json)."""
     from .formats import structure_of
@@ -91,8 +102,13 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
     after = metadata.get("metrics", {}).get("after", {})
     evaluation = metadata.get("evaluation", {})
     eval_results = []
-    if "perplexity" in after:
-        eval_results.append(EvalResult(task_type="text-generation", dataset_type=f"hfcompress/{evaluation['source']}",
+    from .calibration import hub_dataset_id
+
+    dataset = hub_dataset_id(evaluation.get("source", BUILTIN_TEXT))
+    if "perplexity" in after and dataset:  # the model-index names Hub datasets only
+        eval_results.append(EvalResult(task_type="text-generation", dataset_type=dataset,
+                                       dataset_config=evaluation.get("subset"),
+                                       dataset_split=evaluation.get("split"),
                                        dataset_name=f"{evaluation['source']} ({evaluation['seq_len']}-token windows)",
                                        metric_type="perplexity", metric_value=round(after["perplexity"], 4)))
     base = metadata.get("base_model") or os.path.basename(str(metadata.get("source", "")).rstrip("/"))
@@ -126,6 +142,7 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         table=format_table(before, after) if before and after else "",
         speed="decode_tokens_per_s" in after,
         evaluation=evaluation,
+        eval_text=_evaluation_text(evaluation),
         calibration=calibration,
         on_calibration_text=on_calibration_text,
         plots=metadata.get("plots"),

@@ -74,8 +74,10 @@ def _add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS,
                                 help=f.metadata["help"])
         else:
+            shown = f" (default: {f.default})" if f.default not in (None, "", ()) and "default" not in \
+                f.metadata["help"] else ""
             parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(),
-                                help=f.metadata["help"])
+                                help=f.metadata["help"] + shown)
 
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +90,8 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
             listed = f" (one of: {', '.join(map(str, f.metadata['choices']))})" if "choices" in f.metadata else ""
             helps.setdefault(f.name, f.metadata.get("help", "") + listed)
     for field_name, methods in owners.items():
+        if field_name == "targets":
+            helps[field_name] += "; several globs comma-separated, e.g. '*.mlp.*,*.self_attn.o_proj'"
         group.add_argument("--" + field_name.replace("_", "-"), dest=f"method.{field_name}", default=argparse.SUPPRESS,
                            metavar="VALUE", help=f"{helps[field_name]} [{', '.join(methods)}]")
 
@@ -108,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_section_flags(comp, ("model", "calibration", "evaluation", "output", "export"))
     _add_method_flags(comp)
 
-    ev = sub.add_parser("eval", help="measure a model: perplexity, size, parameters, sparsity, tokens/s")
-    ev.add_argument("model")
+    ev = sub.add_parser("eval", help="measure a model: perplexity, size, parameters, sparsity, tokens/s",
+                        description="Measure MODEL as compress measures before and after, and print the numbers as "
+                                    "JSON.")
+    ev.add_argument("model", help="Hub repo id, local folder (e.g. an hfcompress output), .gguf file, or "
+                                  "builtin:smollm2-135m")
     _add_section_flags(ev, ("model", "evaluation"))
 
     export = sub.add_parser("export", help="export a model folder to ONNX, validated in ONNX Runtime",
@@ -117,19 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
                                         "ONNX graph (causal LMs: with KV-cache inputs), quantized layers as native "
                                         "MatMulNBits; check it against PyTorch in ONNX Runtime and write it with "
                                         "its card to --onnx. A failed check writes nothing.")
-    export.add_argument("folder")
+    export.add_argument("folder", help="an hfcompress output, a model folder, or a Hub repo id")
     export.add_argument("--onnx", required=True, help="output folder for the ONNX export")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --onnx")
     export.add_argument("--device", default="cpu", help="ONNX Runtime provider: cpu, or cuda (with onnxruntime-gpu)")
     export.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
 
-    push = sub.add_parser("push", help="push an output folder to the Hub in one commit")
-    push.add_argument("folder")
+    push = sub.add_parser("push", help="push an output folder to the Hub in one commit",
+                          description="Upload FOLDER (an hfcompress output or ONNX export) to the model repo --to in "
+                                      "one commit, with the token of HF_TOKEN or `hf auth login`; the repo is "
+                                      "created when missing. Refuses the repo the model came from.")
+    push.add_argument("folder", help="the output folder to upload")
     push.add_argument("--to", required=True, help="target repo id `namespace/name`")
     push.add_argument("--private", action="store_true", help="create the repo as private")
 
-    card = sub.add_parser("card", help="rewrite an output folder's README.md from its hfcompress.json")
-    card.add_argument("folder")
+    card = sub.add_parser("card", help="rewrite an output folder's README.md from its hfcompress.json",
+                          description="Regenerate the model card (README.md) of FOLDER from its hfcompress.json, "
+                                      "e.g. after upgrading hfcompress; hand edits to README.md are replaced.")
+    card.add_argument("folder", help="an hfcompress output folder")
     card.add_argument("--repo-id", help="repo id to show in the usage snippet")
 
     imp = sub.add_parser("importance", help="rank a model's blocks by importance and plot the scores (PNG)",
@@ -176,6 +188,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                          for step, known in zip(data["steps"], fields, strict=True)]
     if "model" not in data:
         raise InvalidOptionError("name a MODEL (or give --recipe with a `model`)")
+    if not data["steps"]:
+        raise InvalidOptionError(f"choose a method with --method (one of {choices(available_methods())}) or give "
+                                 "--recipe with `steps`")
     if args.no_eval:
         data.setdefault("evaluation", {})["enabled"] = False
     output = data.setdefault("output", {})
@@ -236,7 +251,9 @@ def _run(args: argparse.Namespace) -> None:
         from .card import render_card
         from .formats import read_metadata
 
-        metadata = read_metadata(args.folder) if os.path.isdir(args.folder) else None
+        if not os.path.isdir(args.folder):
+            raise HfCompressError(f"{args.folder!r} is not a folder: give an hfcompress output folder")
+        metadata = read_metadata(args.folder)
         if metadata is None:
             raise HfCompressError(f"{args.folder!r} has no hfcompress.json: not an hfcompress output")
         Path(args.folder, "README.md").write_text(render_card(metadata, args.repo_id), encoding="utf-8")

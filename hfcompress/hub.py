@@ -13,6 +13,7 @@ from typing import Any
 from .errors import PushError
 
 UNPUSHED_REPO = "path/to/this/folder"  # the card's usage snippet names this path until the folder is pushed
+UNPUSHED_NOTE = f"# {UNPUSHED_REPO}: this folder; pushing it (hfcompress push) writes the repo id here\n"
 
 
 def _files(folder: str, repo_id: str, named_repo: str | None) -> list[Any]:
@@ -31,6 +32,7 @@ def _files(folder: str, repo_id: str, named_repo: str | None) -> list[Any]:
             content = path.read_bytes()
             for old in filter(None, (UNPUSHED_REPO, named_repo)):
                 content = content.replace(f'"{old}"'.encode(), f'"{repo_id}"'.encode())
+            content = content.replace(UNPUSHED_NOTE.encode(), b"")
         operations.append(CommitOperationAdd(path_in_repo=relative.as_posix(), path_or_fileobj=content))
     return operations
 

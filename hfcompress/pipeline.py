@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import yaml
 
 from .calibration import CalibrationData, cut_windows, load_calibration, read_text, token_stream
 from .card import render_card
@@ -33,6 +34,7 @@ from .sequential import named_blocks
 from .structure import Structure
 
 SPARSITY_MAP = "sparsity_map.png"
+RECIPE_FILE = "recipe.yaml"  # the exact recipe, which the card says to rerun
 BLOCK_BITS, BLOCK_IMPORTANCE = "block_bits.png", "block_importance.png"
 DROP_SCORES, RANK_MAP = "layer_drop_scores.png", "rank_map.png"
 
@@ -138,7 +140,8 @@ def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.devi
 
 
 def _describe(step: Any, report: Report) -> str:
-    options = ", ".join(f"{k}={v}" for k, v in config_to_dict(step).items() if k != "method" and v not in (None, []))
+    options = ", ".join(f"{k}: {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                        for k, v in config_to_dict(step).items() if k != "method" and v not in (None, []))
     stats = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.stats.items())
     return f"{report.method} ({options}); measured: {stats}"
 
@@ -256,6 +259,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     metadata = build_metadata(recipe, resolved, calibration=calibration, device=device, steps=steps_meta,
                               n_windows=None if windows is None else len(windows), structure=structure,
                               before=before, after=after, dtypes=dtypes)
+    metadata["architectures"] = metadata["architectures"] or [type(model).__name__]  # a GGUF config names none
     result = Result(model, tokenizer, reports, structure, before, after, metadata)
     if recipe.output.dir:
         run.check_cancelled()
@@ -302,6 +306,7 @@ def _save(result: Result, recipe: Recipe, storage_dtype: torch.dtype, log: Calla
         if plots:
             metadata["plots"] = plots
         write_metadata(staging, metadata)
+        (staging / RECIPE_FILE).write_text(yaml.safe_dump(metadata["recipe"], sort_keys=False), encoding="utf-8")
         (staging / "README.md").write_text(render_card(metadata), encoding="utf-8")
     result.folder = out_dir
 

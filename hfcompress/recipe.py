@@ -74,9 +74,10 @@ class EvaluationSpec:
     subset: str | None = option(None, "dataset configuration, e.g. `wikitext-2-raw-v1` for `wikitext`")
 
     def __post_init__(self) -> None:
-        if (self.seq_len is not None and self.seq_len <= 1) or (self.n_windows is not None and self.n_windows <= 0):
-            raise InvalidOptionError(f"evaluation seq_len must be > 1 and n_windows positive, got seq_len "
-                                     f"{self.seq_len} and n_windows {self.n_windows}")
+        if self.seq_len is not None and self.seq_len <= 1:
+            raise InvalidOptionError(f"evaluation seq_len (--eval-seq-len) must be at least 2, got {self.seq_len}")
+        if self.n_windows is not None and self.n_windows <= 0:
+            raise InvalidOptionError(f"evaluation n_windows (--eval-windows) must be positive, got {self.n_windows}")
 
 
 @dataclass
@@ -178,13 +179,18 @@ class Recipe:
     def from_yaml(cls, path_or_text: str) -> "Recipe":
         """Read a recipe from a YAML file path or a YAML string."""
         is_file = os.path.isfile(path_or_text)
+        source = path_or_text
         if is_file:
             with open(path_or_text, encoding="utf-8") as handle:
                 path_or_text = handle.read()
+        name = source if is_file else "the recipe"
         try:
             data = yaml.safe_load(path_or_text)
         except yaml.YAMLError as error:
-            raise InvalidOptionError(f"the recipe is not valid YAML: {error}") from None
+            where = getattr(error, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise InvalidOptionError(f"{name} is not valid YAML{at}: {problem}") from None
         if isinstance(data, str) and not is_file and "\n" not in data:  # one plain word: it was meant as a path
             raise InvalidOptionError(f"recipe file {path_or_text!r} does not exist")
         if not isinstance(data, dict):

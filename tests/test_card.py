@@ -22,16 +22,22 @@ def test_card_metadata_table_usage_and_recipe(tiny, tmp_path):
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
     assert data["license"] == "mit"  # carried over from the base model's card
     assert {"hfcompress", "wanda"} <= set(data["tags"])
-    ppl = data["model-index"][0]["results"][0]["metrics"][0]
-    assert ppl["type"] == "perplexity" and abs(ppl["value"] - result.after["perplexity"]) < 1e-3
+    assert "model-index" not in data  # the built-in book is no Hub dataset: no dataset entry
+    assert f"{result.after['perplexity']:.2f}" in card.text
+    assert "*The Hound of the Baskervilles*" in card.text
+    assert "sequential: true" in card.text and "sequential=True" not in card.text  # steps read like the recipe
+    assert (out / "recipe.yaml").is_file()  # the card says to rerun it
+    assert "_model_name_or_path" not in json.loads((out / "config.json").read_text())
+    assert json.loads((out / "hfcompress.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     for row in ("| perplexity |", "| size (MB) |", "| parameters (M) |", "| sparsity (block Linear weights) |",
                 "| bits per weight |", "| prefill tokens/s |", "| decode tokens/s |"):
         assert row in card.text
     assert "AutoModelForCausalLM.from_pretrained" in card.text and "plain transformers" in card.text
     assert "](sparsity_map.png)" in card.text and (out / "sparsity_map.png").stat().st_size > 1000
 
-    # the card's recipe is the exact recipe, and it rebuilds the same steps
+    # the card's recipe is the exact recipe (the one in recipe.yaml), and it rebuilds the same steps
     recipe = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
+    assert recipe == yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe == json.loads((out / "hfcompress.json").read_text())["recipe"]
     assert hfcompress.Recipe.from_dict(recipe).steps == [hfcompress.make_config("wanda", {"sparsity": 0.5})]
 
@@ -47,6 +53,36 @@ def test_card_for_the_builtin_gguf_names_the_hub_base_model():
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert 'from_pretrained("me/smol-mag")' in card.text
     assert "GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf`, dequantized on load" in card.text
+
+
+def test_a_hub_dataset_gets_a_model_index_that_parses():
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from hfcompress.card import render_card
+
+    metadata = {"family": "causal-lm", "base_model": "HuggingFaceTB/SmolLM2-135M", "source": "x",
+                "steps": [{"method": "wanda", "paper": "p", "description": "d"}], "recipe": {"model": {"id": "x"}},
+                "evaluation": {"source": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test",
+                               "seq_len": 512, "n_windows_used": 4},
+                "metrics": {"after": {"perplexity": 20.5}, "before": {"perplexity": 18.0}}}
+    card = ModelCard(render_card(metadata))
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert results[0].dataset_type == "Salesforce/wikitext" and results[0].metric_value == 20.5
+    assert results[0].dataset_config == "wikitext-2-raw-v1"
+    assert "`Salesforce/wikitext` (wikitext-2-raw-v1) text" in card.text
+    metadata["evaluation"]["source"] = "./my_eval.jsonl"  # a local file: no dataset entry
+    assert "model-index" not in ModelCard(render_card(metadata)).data.to_dict()
+
+
+def test_an_unpushed_card_says_what_the_placeholder_is_and_a_push_removes_the_note(tmp_path):
+    from hfcompress.card import render_card
+    from hfcompress.hub import UNPUSHED_NOTE, _files
+
+    metadata = {"family": "causal-lm", "source": "x", "steps": [], "recipe": {"model": {"id": "x"}}}
+    (tmp_path / "README.md").write_text(render_card(metadata))
+    assert UNPUSHED_NOTE in (tmp_path / "README.md").read_text()
+    (readme,) = _files(str(tmp_path), "me/pushed", None)
+    assert UNPUSHED_NOTE.encode() not in readme.path_or_fileobj and b'"me/pushed"' in readme.path_or_fileobj
 
 
 def test_an_encoder_card_claims_no_perplexity_or_speed(tiny, tmp_path):

@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -68,7 +69,46 @@ def test_method_flag_keeps_the_recipe_step_options_and_unused_flags_are_errors(t
 
 def test_card_on_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["card", str(tmp_path / "nope")]) == 2
-    assert "not an hfcompress output" in capsys.readouterr().err
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert main(["card", str(tmp_path / "plain")]) == 2
+    assert "has no hfcompress.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "some/model"], "choose a method with --method (one of `dsnot`"),
+    (["compress", "some/model", "--method", "wanda", "--eval-windows", "0"], "n_windows (--eval-windows) must be "
+                                                                            "positive, got 0"),
+    (["compress", "some/model", "--method", "wanda", "--eval-seq-len", "1"], "seq_len (--eval-seq-len) must be at "
+                                                                            "least 2, got 1"),
+])
+def test_parse_errors_say_what_to_do(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "None" not in err
+
+
+def test_a_broken_recipe_file_is_named_with_the_place(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: [a\nsteps: x: y\n")
+    assert main(["compress", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe} is not valid YAML (line 2, column 6)" in err and "unicode string" not in err
+
+
+def test_help_shows_defaults_and_describes_every_command():
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    compress_help = subcommands["compress"].format_help()
+    for flag, default in [("--seed SEED", "(default: 0)"), ("--split SPLIT", "(default: train)"),
+                          ("--eval-split SPLIT", "(default: test)"), ("--eval-windows N_WINDOWS", "(default: 32)")]:
+        after = " ".join(compress_help.split(f"\n  {flag}", 1)[1].split()[:40])  # the option's own help line
+        assert default in after, flag
+    assert "severalglobscomma-separated" in "".join(compress_help.split())  # help wraps at spaces and hyphens
+    for name in ("eval", "push", "card", "export"):
+        assert subcommands[name].description, name
+        positional = [a for a in subcommands[name]._actions if not a.option_strings]
+        assert all(a.help for a in positional), name
 
 
 def test_a_run_without_out_is_saved_to_a_new_folder_named_after_it(tiny, tmp_path, monkeypatch, capsys):

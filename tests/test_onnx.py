@@ -204,3 +204,23 @@ def test_cli_and_recipe_export(tiny, tmp_path, capsys):
     assert (tmp_path / "pruned-onnx" / "model.onnx").is_file()
     with pytest.raises(HfCompressError, match="is an ONNX export"):
         hfcompress.load(str(tmp_path / "pruned-onnx"))
+
+
+def test_pushed_export_runs_from_the_hub_with_its_card_snippet(hub, tiny, tmp_path, monkeypatch):
+    from hfcompress.hub import push
+
+    token = "hf_TestTokenThatMustNeverBeWritten"
+    monkeypatch.setenv("HF_TOKEN", token)
+    out = tmp_path / "onnx"
+    export_onnx(tiny("llama"), str(out), speed=False, log=lambda line: None)
+    push(out, "alice/tiny-onnx")
+    files = hub.repos["alice/tiny-onnx"]["files"]
+    assert hub.commits == 1 and set(files) == {p.name for p in out.iterdir()}
+    assert not any(token.encode() in data for data in files.values())
+    snippet = files["README.md"].decode().split("```python\n")[1].split("```")[0]
+    assert 'snapshot_download("alice/tiny-onnx")' in snippet
+    fresh = {"PATH": "", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "fresh_home"),
+             "HF_HUB_DISABLE_XET": "1"}
+    done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, env=fresh, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout) > 0  # 20 greedy tokens, decoded

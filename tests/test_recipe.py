@@ -92,5 +92,5 @@ def test_validate_needs_steps_and_positive_sizes():
         Recipe(model="m").validate()
     with pytest.raises(InvalidOptionError, match="n_samples must be positive"):
         Recipe(model="m", steps=[WandaConfig()], calibration={"n_samples": 0})
-    with pytest.raises(InvalidOptionError, match="n_windows positive"):
+    with pytest.raises(InvalidOptionError, match="n_windows .--eval-windows. must be positive"):
         Recipe(model="m", steps=[WandaConfig()], evaluation={"n_windows": 0})

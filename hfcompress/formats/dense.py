@@ -37,6 +37,7 @@ def write(model: nn.Module, folder: Path, state: dict[str, torch.Tensor], dtype:
     model.save_pretrained(folder, state_dict=state, max_shard_size=MAX_SHARD_SIZE)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.pop("_model_name_or_path", None)  # where the source was read from: meaningless in the output
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     if edit_config is not None:
