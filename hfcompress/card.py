@@ -86,6 +86,16 @@ def _tags(metadata: dict[str, Any], methods: list[str]) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
+
+
+def _samples(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str, str]]:
+    pairs = zip(before.get("samples", []), after.get("samples", []), strict=False)
+    return [(_cell(b["prompt"]), _cell(b["text"]), _cell(a["text"])) for b, a in pairs if b["prompt"] == a["prompt"]]
+
+
 def _evaluation_text(evaluation: dict[str, Any]) -> str:
     source = evaluation.get("source", BUILTIN_TEXT)
     if source == BUILTIN_TEXT:
@@ -128,7 +138,7 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
     if on_calibration_text is None:  # hfcompress.json written before the flag was recorded: compare the sources
         on_calibration_text = (bool(calibration) and evaluation.get("source") not in ("builtin", None)
                                and evaluation.get("source") == calibration.get("source"))
-    from .evaluate import format_table
+    from .evaluate import SAMPLE_TOKENS, format_table
 
     before = metadata.get("metrics", {}).get("before", {})
     card = ModelCard.from_template(
@@ -143,6 +153,9 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         speed="decode_tokens_per_s" in after,
         evaluation=evaluation,
         eval_text=_evaluation_text(evaluation),
+        samples=_samples(before, after),
+        sample_tokens=SAMPLE_TOKENS,
+        chat=any(sample.get("chat") for sample in before.get("samples", [])),
         calibration=calibration,
         on_calibration_text=on_calibration_text,
         plots=metadata.get("plots"),

@@ -190,9 +190,32 @@ def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.devi
                        prompt.shape[1], device, new_tokens, repeats)
 
 
+SAMPLE_PROMPTS = ("The capital of France is", "Write one sentence about the sea.", "Two plus two equals")
+SAMPLE_TOKENS = 24
+
+
+@torch.no_grad()
+def greedy_samples(model: nn.Module, tokenizer: Any, device: torch.device,
+                   prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> list[dict[str, str]]:
+    """Greedy continuations of fixed prompts (through the chat template when the tokenizer has one), so a person
+    can judge what compression did to the answers, beside the perplexity."""
+    samples, chat = [], bool(getattr(tokenizer, "chat_template", None))
+    for prompt in prompts:
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids.to(device), max_new_tokens=SAMPLE_TOKENS, do_sample=False,
+                             pad_token_id=pad_token_id(model.generation_config))
+        samples.append({"prompt": prompt, "chat": chat,
+                        "text": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+    return samples
+
+
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,
             structure: Structure | None = None, sparsity: bool = False, quantized: bool = False, speed: bool = True,
-            desc: str = "", storage_dtype: torch.dtype | None = None) -> dict[str, Any]:
+            desc: str = "", storage_dtype: torch.dtype | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Every number of the before/after table: size and bits as the writer for `structure` stores the model
     (floating tensors in `storage_dtype`), sparsity when `sparsity` (only where something is pruned), the nominal
     bits of the block Linear weights when `quantized` (only where something is quantized), perplexity
@@ -209,6 +232,8 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
             metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())
             if speed and not streamed:  # streaming every weight per decoded token would time the PCIe bus
                 metrics.update(tokens_per_second(model, windows[:1, :256], device))
+            if tokenizer is not None:
+                metrics["samples"] = greedy_samples(model, tokenizer, device)
     return metrics
 
 

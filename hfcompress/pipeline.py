@@ -229,7 +229,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     run.check_cancelled()
     run.report(0.02, "measuring the model before compression")
     before = (measure(model, resolved.family, device, windows, structure=source, sparsity=pruned,
-                      quantized=quantizes, speed=ev.speed, desc="before", storage_dtype=storage_dtype)
+                      quantized=quantizes, speed=ev.speed, desc="before", storage_dtype=storage_dtype,
+                      tokenizer=tokenizer)
               if ev.enabled else {})
 
     reports, steps_meta, structure = [], [], source
@@ -251,7 +252,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     pruned = pruned or "sparse" in structure.kinds
     after = (measure(model, resolved.family, device, windows, structure=structure, sparsity=pruned,
                      quantized=quantizes or "quantized" in structure.kinds, speed=ev.speed, desc="after",
-                     storage_dtype=storage_dtype) if ev.enabled else {})
+                     storage_dtype=storage_dtype, tokenizer=tokenizer) if ev.enabled else {})
 
     passes = run.compute_dtype or model.dtype
     dtypes = {"compute": str(model.dtype).removeprefix("torch."), "saved": str(storage_dtype).removeprefix("torch."),

@@ -24,6 +24,9 @@ def test_card_metadata_table_usage_and_recipe(tiny, tmp_path):
     assert {"hfcompress", "wanda"} <= set(data["tags"])
     assert "model-index" not in data  # the built-in book is no Hub dataset: no dataset entry
     assert f"{result.after['perplexity']:.2f}" in card.text
+    samples = [line for line in card.text.splitlines() if line.startswith("| The capital of France is |")]
+    assert len(samples) == 1 and "Greedy answers to fixed prompts" in card.text  # a person can judge the answers
+    assert [s["prompt"] for s in result.after["samples"]] == [s["prompt"] for s in result.before["samples"]]
     assert "*The Hound of the Baskervilles*" in card.text
     assert "sequential: true" in card.text and "sequential=True" not in card.text  # steps read like the recipe
     assert (out / "recipe.yaml").is_file()  # the card says to rerun it
