@@ -46,6 +46,7 @@ compresses in a few minutes on a laptop CPU)."""
 SECTION_FLAGS = {
     ("model", "revision"): "--revision", ("model", "dtype"): "--dtype", ("model", "device"): "--device",
     ("model", "compute_dtype"): "--compute-dtype", ("model", "trust_remote_code"): "--trust-remote-code",
+    ("model", "allow_pickle"): "--allow-pickle",
     ("calibration", "source"): "--calib", ("calibration", "n_samples"): "--n-samples",
     ("calibration", "seq_len"): "--seq-len", ("calibration", "seed"): "--seed",
     ("calibration", "text_field"): "--text-field", ("calibration", "split"): "--split",

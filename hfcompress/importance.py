@@ -34,7 +34,8 @@ def rank_blocks(model: ModelSpec, score: str, calibration: CalibrationSpec | Non
         if value not in allowed:
             raise InvalidOptionError(f"{name} {value!r} is not valid; valid: {choices(allowed)}")
     device = pick_device(model.device)
-    resolved = resolve(model.id, revision=model.revision, trust_remote_code=model.trust_remote_code, token=token)
+    resolved = resolve(model.id, revision=model.revision, trust_remote_code=model.trust_remote_code, token=token,
+                       allow_pickle=model.allow_pickle)
     supports = get_method(LayerwiseQuantConfig.method).supports
     if resolved.family not in supports:
         raise UnsupportedModelError(f"importance scores the blocks of {choices(supports)} models; {model.id!r} is "

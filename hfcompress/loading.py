@@ -41,6 +41,7 @@ class ResolvedModel:
     revision: str | None = None
     gguf_file: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # read .bin checkpoints when there are no safetensors
     token: str | None = field(default=None, repr=False)  # passed to every download, never stored or logged
 
     @property
@@ -105,8 +106,33 @@ def _builtin(source: str) -> tuple[str, str, str]:
     return os.path.join(os.path.dirname(spec.origin), filename), base, "gguf"
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_files(folder: str, source: str, allow_pickle: bool = False) -> None:
+    """A local folder's weights, checked before any heavy work: every safetensors header must describe its file (a
+    truncated copy or a header that lies about sizes fails here, in one line), and a folder with pickle checkpoints
+    only is refused unless `allow_pickle` (unpickling can run code)."""
+    from safetensors import SafetensorError, safe_open
+
+    names = sorted(os.listdir(folder))
+    shards = [name for name in names if name.endswith(".safetensors")]
+    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+    if not shards and pickles and not allow_pickle:
+        raise ModelLoadError(f"{source!r} has only pickle checkpoints ({', '.join(pickles)}), which can run code "
+                             "when loaded; hfcompress reads safetensors. Convert it, or pass --allow-pickle if you "
+                             "trust it")
+    for name in shards:
+        try:
+            with safe_open(os.path.join(folder, name), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelLoadError(f"{os.path.join(source, name)} is not a valid safetensors file ({error}); it may be "
+                                 "truncated: download or save it again") from None
+
+
 def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool = False,
-            token: str | None = None) -> ResolvedModel:
+            token: str | None = None, allow_pickle: bool = False) -> ResolvedModel:
     """Find the model and read its config; raise ModelLoadError with the reason when it cannot be had. `token`
     defaults to HF_TOKEN or the stored login."""
     source = os.fspath(source)
@@ -127,15 +153,16 @@ def resolve(source: str, *, revision: str | None = None, trust_remote_code: bool
         if not os.path.isfile(os.path.join(source_path, "config.json")):
             raise ModelLoadError(f"{source!r} is a folder without config.json: not a Hugging Face model folder")
         config = _read_config(source, source_path, trust_remote_code=trust_remote_code)
+        check_weight_files(source_path, source, allow_pickle)
         earlier = read_metadata(source_path) or {}  # an hfcompress output keeps naming its Hub base model
         return ResolvedModel(source, source_path, "local", config, model_family(config), earlier.get("base_model"),
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not REPO_ID.match(source):
         raise ModelLoadError(f"local path {source!r} does not exist (and it is not a Hub repo id like `org/name`)")
     config = _read_config(source, source, revision=revision, trust_remote_code=trust_remote_code,
                           **({"token": token} if token else {}))
     return ResolvedModel(source, source, "hub", config, model_family(config), source, revision=revision,
-                         trust_remote_code=trust_remote_code, token=token)
+                         trust_remote_code=trust_remote_code, token=token, allow_pickle=allow_pickle)
 
 
 def _read_config(source: str, location: str, **kwargs: Any) -> Any:
@@ -221,8 +248,14 @@ def load_tokenizer(model: ResolvedModel) -> Any:
         return None
     try:
         return AutoTokenizer.from_pretrained(model.location, **kwargs)
-    except (OSError, hub_errors.HfHubHTTPError) as error:
+    except hub_errors.HfHubHTTPError as error:
         raise _hub_error(model.source, error.__cause__ or error) from None
+    except (OSError, ValueError, ImportError) as error:  # no tokenizer files, or none transformers can build
+        if model.kind == "hub":
+            raise _hub_error(model.source, error.__cause__ or error) from None
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ModelLoadError(f"{model.source!r} has no usable tokenizer ({reason}); copy the tokenizer files of the "
+                             "model it came from into the folder") from None
 
 
 def model_class(model: ResolvedModel) -> Any:
@@ -253,8 +286,9 @@ def load_model(model: ResolvedModel, dtype: str = "auto", device: torch.device |
     """Load the weights into CPU memory (the sequential engine moves one block at a time to the device)."""
     device = device or torch.device("cpu")
     try:
+        safetensors_only = {} if model.allow_pickle or model.gguf_file else {"use_safetensors": True}
         loaded = model_class(model).from_pretrained(model.location, dtype=torch_dtype(dtype, device),
-                                                    **_from_pretrained_kwargs(model))
+                                                    **_from_pretrained_kwargs(model), **safetensors_only)
     except (OSError, hub_errors.HfHubHTTPError) as error:
         raise _hub_error(model.source, error.__cause__ or error) from None
     if model.gguf_file:

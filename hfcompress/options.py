@@ -72,6 +72,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             items = [items]
         return tuple(_coerce(item.strip() if isinstance(item, str) else item, item_type, name) for item in items)
     try:
+        if isinstance(value, (dict, list, tuple)) and annotation in (bool, int, float, str):
+            raise ValueError  # a mapping or list where one value belongs
         if annotation is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

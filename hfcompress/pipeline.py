@@ -160,7 +160,7 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None 
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
     device = pick_device(model_spec.device)
     resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
-                       token=token)
+                       token=token, allow_pickle=model_spec.allow_pickle)
     ev = resolve_defaults(Recipe(model_spec, evaluation=ev), resolved, device).evaluation
     tokenizer = load_tokenizer(resolved)
     windows = evaluation_windows(tokenizer, ev, resolved.family)
@@ -189,7 +189,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     recipe.validate()
     device = pick_device(recipe.model.device)
     resolved = resolve(recipe.model.id, revision=recipe.model.revision,
-                       trust_remote_code=recipe.model.trust_remote_code, token=token)
+                       trust_remote_code=recipe.model.trust_remote_code, token=token,
+                       allow_pickle=recipe.model.allow_pickle)
     source = source_structure(resolved)  # read once: planning and the run both start from it
     planned = plan(resolved, recipe, source)
     if recipe.export.onnx:

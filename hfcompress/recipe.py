@@ -37,6 +37,8 @@ class ModelSpec:
                                         "bf16, CPUs with AVX512-BF16 or AMX - else float32), float32, bfloat16, "
                                         "float16")
     trust_remote_code: bool = option(False, "allow the source repo's own modeling code to run")
+    allow_pickle: bool = option(False, "read a pickle (.bin) checkpoint when the source has no safetensors "
+                                       "(unpickling can run code: only for checkpoints you trust)")
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)

@@ -136,6 +136,7 @@ def export_onnx(source: str, out: str, *, overwrite: bool = False, device: str =
 
     resolved = check_export(source, out, overwrite)
     family, metadata = resolved.family, read_metadata(resolved.location)
+    tokenizer = load_tokenizer(resolved)  # before the heavy work: a folder without one fails here
     log(f"loading {source}")
     model, layers = load_for_export(resolved, metadata)
     log("tracing the graph (transformers' ONNX exporter)")
@@ -150,7 +151,7 @@ def export_onnx(source: str, out: str, *, overwrite: bool = False, device: str =
         model.config.save_pretrained(staging)
         if family == "causal-lm" and model.generation_config is not None:
             model.generation_config.save_pretrained(staging)
-        load_tokenizer(resolved).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         runner = OnnxRunner(staging / ONNX_FILE, family, device)
         log("validating in ONNX Runtime against PyTorch")
         try:
