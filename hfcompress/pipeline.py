@@ -266,6 +266,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     if recipe.output.dir:
         run.check_cancelled()
         run.report(0.97, "saving")
+        log(f"saving to {recipe.output.dir}")
         _save(result, recipe, storage_dtype, log)
         log(f"saved to {recipe.output.dir}")
     if recipe.export.onnx:

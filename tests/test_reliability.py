@@ -103,3 +103,59 @@ def test_a_pickle_checkpoint_loads_only_when_allowed(tiny, tmp_path):
               "evaluation": {"enabled": False}, "output": {"dir": str(tmp_path / "out")}}
     hfcompress.compress(recipe, log=lambda line: None)
     assert any((tmp_path / "out").glob("*.safetensors"))  # and the output is safetensors again
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _command(source, out, *extra):
+    return [sys.executable, "-m", "hfcompress", "compress", str(source), "--method", "wanda", "--out", str(out),
+            "--n-samples", "48", "--seq-len", "128", "--eval-windows", "1", "--eval-seq-len", "32", *extra]
+
+
+@pytest.mark.parametrize("marker", ["calibration:", "step 1/1", "saving to"])
+def test_a_killed_run_leaves_nothing_half_written_and_the_next_run_succeeds(marker, tiny, tmp_path):
+    import signal
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    shutil.copytree(tiny("llama"), source)
+    before = _tree(source)
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        run = subprocess.Popen(_command(source, out), stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        lines = []
+        for line in run.stderr:  # the run's own log: stop it right after it says where it is
+            lines.append(line)
+            if line.startswith(marker):
+                run.send_signal(sig)
+                break
+        rest = run.stderr.read()
+        code = run.wait(timeout=300)
+        if out.exists():  # it finished before the signal landed: then the output is whole
+            assert {"hfcompress.json", "README.md", "model.safetensors"} <= {p.name for p in out.iterdir()}
+            shutil.rmtree(out)
+        if sig == signal.SIGINT:
+            assert code in (0, 130) and "Traceback" not in rest, rest
+            assert code == 0 or rest.strip().splitlines()[-1].startswith("hfcompress: interrupted"), rest
+            assert not list(tmp_path.glob(".out.*"))  # an interrupted run cleans up after itself
+        assert _tree(source) == before
+    # after the SIGKILL a staging folder may be left: the next run removes it, and never renames it into place
+    finished = subprocess.run(_command(source, out), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert not list(tmp_path.glob(".out.*")) and (out / "hfcompress.json").is_file()
+    assert _tree(source) == before
+
+
+def test_two_runs_on_one_output_folder_one_wins_whole(tiny, tmp_path):
+    source, out = tiny("llama"), tmp_path / "out"
+    runs = [subprocess.Popen(_command(source, out, "--seed", str(seed)), stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            for seed in (1, 2)]
+    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "hfcompress: error: output folder" in loser and "Traceback" not in loser
+    winner_seed = next(seed for (code, _), seed in zip(results, (1, 2), strict=True) if code == 0)
+    metadata = json.loads((out / "hfcompress.json").read_text())
+    assert metadata["recipe"]["calibration"]["seed"] == winner_seed  # the folder is the winner's, whole
+    assert not list(tmp_path.glob(".out.*"))

@@ -39,30 +39,57 @@ def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, source: str
                                     f"has no {METADATA_FILE}; pick another --out")
 
 
+OWNER_FILE = ".hfcompress-owner"  # in a staging folder: the pid of the run writing it
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Delete the staging folders of `out` left by runs that were killed (their owner process is gone); a staging
+    folder is never renamed into place by anyone but its own run."""
+    for candidate in out.parent.glob(f".{out.name}.*"):
+        try:
+            owner = int((candidate / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up: leave it
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            continue
+
+
 @contextmanager
 def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, source: str | None = None) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it is deleted."""
+    """Yield a fresh temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it is deleted.
+    Without `overwrite`, a folder that another run put in place meanwhile is not replaced: this run fails instead."""
     check_output_folder(out_dir, overwrite, source)
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    (staging / OWNER_FILE).write_text(str(os.getpid()))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the output should get ordinary permissions
     try:
         yield staging
+        (staging / OWNER_FILE).unlink()
+        for path in staging.rglob("*"):  # some writers (safetensors) create owner-only files
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if overwrite and out.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(retired / "old")
+            staging.rename(out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            try:  # atomic: succeeds onto nothing or an empty folder, fails onto a folder another run filled
+                staging.rename(out)
+            except OSError:
+                raise OutputExistsError(f"output folder {str(out_dir)!r} was written by another run meanwhile; "
+                                        "this run's result was discarded: pick another --out") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for path in staging.rglob("*"):  # some writers (safetensors) create owner-only files
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        out.rename(retired / "old")
-        staging.rename(out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def ensure_space(folder: str | os.PathLike, needed_bytes: int) -> None:
