@@ -159,3 +159,32 @@ def test_two_runs_on_one_output_folder_one_wins_whole(tiny, tmp_path):
     metadata = json.loads((out / "hfcompress.json").read_text())
     assert metadata["recipe"]["calibration"]["seed"] == winner_seed  # the folder is the winner's, whole
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_a_token_never_lands_in_files_logs_or_outputs(hub, tiny, tmp_path):
+    """A recognisable token in HF_TOKEN and in the login store; compress (with a push), a failing push, card, eval,
+    export and a bad command: neither stdout, stderr nor any file written holds it."""
+    token = "hf_SecretTokenXYZ0123456789"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "token").write_text(token)  # what `hf auth login` stores
+    env = {"PATH": "", "HF_HOME": str(home), "HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint,
+           "HF_HUB_DISABLE_XET": "1", "TQDM_DISABLE": "1"}
+    out, onnx = tmp_path / "out", tmp_path / "onnx"
+    commands = [["compress", tiny("llama"), "--method", "wanda", "--out", str(out), "--n-samples", "4",
+                 "--seq-len", "32", "--eval-windows", "2", "--eval-seq-len", "32", "--push-to", "alice/secret"],
+                ["push", str(out), "--to", "alice/fails"],
+                ["card", str(out)], ["eval", str(out), "--eval-windows", "1", "--eval-seq-len", "32"],
+                ["export", str(out), "--onnx", str(onnx), "--no-speed"], ["push", str(out), "--to", "bad id"]]
+    printed = []
+    for index, command in enumerate(commands):
+        hub.fail_commits = index == 1  # the second push fails on the Hub's side
+        run = subprocess.run([sys.executable, "-m", "hfcompress", *command], capture_output=True, text=True,
+                             cwd=ROOT, env=env, timeout=600)
+        printed += [run.stdout, run.stderr]
+        assert run.returncode == (0 if index in (0, 2, 3, 4) else 2), (command, run.stderr)
+    assert "alice/secret" in hub.repos and "retry with: hfcompress push" in printed[3]
+    assert not any(token in text for text in printed)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != home / "token"]
+    assert len(written) > 10 and not any(token.encode() in p.read_bytes() for p in written)
+    assert not any(token.encode() in data for repo in hub.repos.values() for data in repo["files"].values())
