@@ -231,14 +231,18 @@ def test_bad_option_missing_repo_and_cancel_leave_the_app_usable(page, app, tiny
     _fill(page, "model", tiny("llama"))                  # still usable: a two-step recipe built in the form
     _fill(page, "n-samples", "4")
     _fill(page, "seq-len", "32")
-    page.get_by_role("button", name="Add step to the recipe").click()
-    _fill(page, "method", "rtn")
-    _fill(page, "rtn-bits", "8")
-    page.get_by_role("button", name="Add step to the recipe").click()
-    page.get_by_role("button", name="Add step to the recipe").click()
-    page.get_by_role("button", name="Remove last step").click()
     from playwright.sync_api import expect
 
+    def click_and_see(button: str, steps: int) -> None:  # a click while an event runs is dropped: wait for each
+        page.get_by_role("button", name=button).click()
+        expect(page.locator("#recipe").get_by_text("method: ")).to_have_count(steps)
+
+    click_and_see("Add step to the recipe", 1)
+    _fill(page, "method", "rtn")
+    _fill(page, "rtn-bits", "8")
+    click_and_see("Add step to the recipe", 2)
+    click_and_see("Add step to the recipe", 3)
+    click_and_see("Remove last step", 2)
     expect(page.locator("#recipe").get_by_text("method: rtn")).to_have_count(1)   # added twice, removed once
     recipe = yaml.safe_load("\n".join(page.locator("#recipe .cm-line").all_inner_texts()))
     assert [step["method"] for step in recipe["steps"]] == ["wanda", "rtn"] and recipe["steps"][1]["bits"] == [8]
