@@ -224,3 +224,21 @@ def test_pushed_export_runs_from_the_hub_with_its_card_snippet(hub, tiny, tmp_pa
     done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, env=fresh, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(done.stdout) > 0  # 20 greedy tokens, decoded
+
+
+def test_without_the_onnx_packages_the_command_says_what_to_install(tiny, tmp_path):
+    from tests.conftest import ROOT
+
+    hide = ("import importlib.machinery, sys\n"
+            "class Hide(importlib.machinery.PathFinder):\n"
+            "    @classmethod\n"
+            "    def find_spec(cls, name, path=None, target=None):\n"
+            "        if name.partition('.')[0] in ('onnx', 'onnx_ir', 'onnxscript', 'onnxruntime'):\n"
+            "            return None\n"
+            "        return importlib.machinery.PathFinder.find_spec(name, path, target)\n"
+            "sys.meta_path = [Hide if f is importlib.machinery.PathFinder else f for f in sys.meta_path]\n"
+            "from hfcompress.cli import main\n"
+            f"sys.exit(main(['export', {tiny('llama')!r}, '--onnx', {str(tmp_path / 'out')!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2 and "pip install 'hfcompress[onnx]'" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from ..errors import HfCompressError, UnsupportedModelError
 
 FAMILIES = ("causal-lm", "encoder")
 ONNX_FILE = "model.onnx"
-PACKAGES = {"onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
+PACKAGES = {"onnx": "onnx", "onnx_ir": "onnx-ir", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
 
 
 class ExportError(HfCompressError):
@@ -122,6 +122,7 @@ def export_onnx(source: str, out: str, *, overwrite: bool = False, device: str =
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Export `source` (a folder or Hub repo) to an ONNX folder `out`, validate it in ONNX Runtime and write its card;
     return the report recorded in the folder's hfcompress.json under `onnx`."""
+    resolved = check_export(source, out, overwrite)  # before anything heavy is imported or loaded
     import onnx_ir
     import torch
 
@@ -134,7 +135,6 @@ def export_onnx(source: str, out: str, *, overwrite: bool = False, device: str =
     from .nbits import quantize_matmuls, tie_head
     from .validate import ValidationError, measure_speed, validate
 
-    resolved = check_export(source, out, overwrite)
     family, metadata = resolved.family, read_metadata(resolved.location)
     tokenizer = load_tokenizer(resolved)  # before the heavy work: a folder without one fails here
     log(f"loading {source}")
