@@ -24,12 +24,22 @@ from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
 from .formats import read_metadata, save_model, staged_folder, structure_of, write_metadata, writer_name
 from .formats.compressed_tensors import kernel_warning
 from .hub import check_push_target, check_token, push
-from .loading import ResolvedModel, compute_dtype, load_model, load_tokenizer, model_skeleton, pick_device, resolve
+from .loading import (
+    ResolvedModel,
+    compute_dtype,
+    load_model,
+    load_tokenizer,
+    model_skeleton,
+    pick_device,
+    resolve,
+    torch_dtype,
+)
 from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict
 from .plots import block_bars, have_matplotlib, kept_rank_shares, layer_map, module_scores, sparsity_map
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
+from .resources import check_memory, run_memory
 from .sequential import named_blocks
 from .structure import Structure
 
@@ -139,6 +149,20 @@ def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.devi
         evaluation=dataclasses.replace(ev, seq_len=ev.seq_len or min(512, context)))
 
 
+def memory_parts(resolved: ResolvedModel, recipe: Recipe, device: torch.device) -> dict[str, int]:
+    """What the run will hold in CPU memory, by part (see `resources.run_memory`)."""
+    text = resolved.config.get_text_config()
+    calibrates = any(get_method(type(step).method).calibrates(step) for step in recipe.steps)
+    loaded = torch_dtype(recipe.model.dtype, device)
+    weight_bytes = loaded.itemsize if isinstance(loaded, torch.dtype) else (resolved.dtype or torch.float32).itemsize
+    evaluates = recipe.evaluation.enabled and resolved.family == "causal-lm"
+    return run_memory(sum(p.numel() for p in model_skeleton(resolved).parameters()),
+                      getattr(text, "hidden_size", 0) or 0, getattr(text, "vocab_size", 0) or 0,
+                      recipe.calibration.n_samples if calibrates else 0, recipe.calibration.seq_len,
+                      recipe.evaluation.seq_len if evaluates else 0, weight_bytes,
+                      (resolved.dtype or torch.float32).itemsize)
+
+
 def _describe(step: Any, report: Report) -> str:
     options = ", ".join(f"{k}: {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
                         for k, v in config_to_dict(step).items() if k != "method" and v not in (None, []))
@@ -206,6 +230,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     if warning:
         log(f"warning: {warning}")
     recipe = resolve_defaults(recipe, resolved, device)
+    check_memory(memory_parts(resolved, recipe, device))  # before any weight is read
     run = Context(device=device, progress=progress, cancel=cancel,
                   compute_dtype=compute_dtype(recipe.model.compute_dtype, device))
     tokenizer = load_tokenizer(resolved)

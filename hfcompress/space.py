@@ -110,7 +110,9 @@ def check_fits(model: str, token: str | None = None, available: int | None = Non
     parameters = sum(p.numel() for p in model_skeleton(resolved).parameters())
     needed = 2 * 4 * parameters
     if available is None:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        from .resources import available_memory
+
+        available = available_memory()
     if needed > available:
         raise InvalidOptionError(f"{model} has {parameters / 1e9:.2f} B parameters: a run needs about "
                                  f"{needed / 2**30:.1f} GiB of memory and this machine has {available / 2**30:.1f} "

@@ -188,3 +188,40 @@ def test_a_token_never_lands_in_files_logs_or_outputs(hub, tiny, tmp_path):
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p != home / "token"]
     assert len(written) > 10 and not any(token.encode() in p.read_bytes() for p in written)
     assert not any(token.encode() in data for repo in hub.repos.values() for data in repo["files"].values())
+
+
+def test_a_run_that_does_not_fit_in_memory_is_refused_with_the_estimate(tiny, monkeypatch):
+    import hfcompress
+
+    monkeypatch.setattr("hfcompress.resources.available_memory", lambda: 2 ** 20)  # 1 MiB free
+    monkeypatch.setattr("hfcompress.pipeline.load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(hfcompress.HfCompressError, match=r"needs about .* GiB of memory \(the weights .*"
+                                                         r"calibration activations .* lower --n-samples"):
+        hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "wanda"}],
+                             "calibration": {"n_samples": 8, "seq_len": 64}}, log=lambda line: None)
+
+
+def test_parts_of_the_memory_estimate():
+    from hfcompress.resources import run_memory
+
+    parts = run_memory(parameters=10 ** 9, hidden=4096, vocab=32000, n_samples=128, seq_len=2048, eval_seq_len=512,
+                       weight_bytes=4, stored_bytes=2)
+    assert parts == {"the weights": 4 * 10 ** 9, "the copy written to disk": 2 * 10 ** 9,
+                     "calibration activations": 2 * 128 * 2048 * 4096 * 4, "evaluation logits": 2 * 512 * 32000 * 4}
+
+
+def test_a_disk_that_fills_while_writing_leaves_nothing(tiny, tmp_path, monkeypatch):
+    import errno
+
+    import hfcompress
+    from hfcompress.errors import DiskFullError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("hfcompress.pipeline.render_card", full)  # the weights are written, then the disk is full
+    with pytest.raises(DiskFullError, match="the disk filled while writing .*nothing was kept"):
+        hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "magnitude"}],
+                             "evaluation": {"enabled": False}, "output": {"dir": str(tmp_path / "out")}},
+                            log=lambda line: None)
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ model). No torch here: the recipe checks its output folder with these before any
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -87,6 +88,12 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, source: s
             except OSError:
                 raise OutputExistsError(f"output folder {str(out_dir)!r} was written by another run meanwhile; "
                                         "this run's result was discarded: pick another --out") from None
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"the disk filled while writing {str(out_dir)!r}; nothing was kept (the partial "
+                                "files were deleted): free some space or pick another --out") from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
