@@ -2,6 +2,7 @@
 
     hfcompress compress builtin:smollm2-135m --method wanda --sparsity 0.5 --out out/smollm2-wanda
     hfcompress compress --recipe recipe.yaml --n-samples 64
+    hfcompress compress builtin:smollm2-135m --method gptq --bits 4 --dry-run
     hfcompress eval out/smollm2-wanda
     hfcompress export out/smollm2-wanda --onnx out/smollm2-wanda-onnx
     hfcompress push out/smollm2-wanda --to me/smollm2-wanda --private
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--method", help=f"compression method: {', '.join(available_methods())}")
     comp.add_argument("--recipe", help="YAML recipe; flags given beside it override its fields")
     comp.add_argument("--no-eval", action="store_true", help="skip the before/after measurements")
+    comp.add_argument("--dry-run", action="store_true", help="check everything, print what the run would do (steps, "
+                                                             "data, output, memory, time) and exit; no weight is "
+                                                             "read, nothing is written")
     _add_section_flags(comp, ("model", "calibration", "evaluation", "output", "export"))
     _add_method_flags(comp)
 
@@ -208,6 +212,11 @@ def _run(args: argparse.Namespace) -> None:
         from .pipeline import compress
 
         recipe = recipe_from_args(args)
+        if args.dry_run:
+            from .preflight import describe, preflight
+
+            print(describe(preflight(recipe, log=lambda line: print(line, file=sys.stderr))))
+            return
         result = compress(recipe, log=lambda line: print(line, file=sys.stderr))
         if result.before:
             print(result.table)

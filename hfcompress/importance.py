@@ -27,7 +27,7 @@ def rank_blocks(model: ModelSpec, score: str, calibration: CalibrationSpec | Non
                 zd_direction: str = "low", shuffle_seed: int = 0, token: str | None = None) -> dict[str, float]:
     """Block name -> importance (higher = more important), in model order. Options are checked, and the model's
     blocks found on a weightless copy, before any weight or calibration text is loaded."""
-    from .pipeline import resolve_defaults
+    from .preflight import resolve_defaults
 
     for name, value in (("score", score), ("zd_direction", zd_direction)):
         allowed = option_choices(LayerwiseQuantConfig, name)

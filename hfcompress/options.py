@@ -122,6 +122,14 @@ def make_config(method: str, options: dict[str, Any] | None = None) -> Any:
     return from_values(get_method(method).config_class, dict(options or {}), f"method `{method}`")
 
 
+def options_text(config: Any) -> str:
+    """`sparsity: 0.5, pattern: 2:4, ...`: a config's set options, written as in a recipe."""
+    import yaml
+
+    return ", ".join(f"{key}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                     for key, value in config_to_dict(config).items() if key != "method" and value not in (None, []))
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """`{method: NAME, <every field>...}`: the recipe step form of a config."""
     step: dict[str, Any] = {"method": type(config).method}

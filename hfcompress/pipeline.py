@@ -19,27 +19,22 @@ import yaml
 from .calibration import CalibrationData, cut_windows, load_calibration, read_text, token_stream
 from .card import render_card
 from .context import Context, Progress
-from .errors import InvalidOptionError, UnsupportedModelError, choices
 from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
-from .formats import read_metadata, save_model, staged_folder, structure_of, write_metadata, writer_name
-from .formats.compressed_tensors import kernel_warning
-from .hub import check_push_target, check_token, push
+from .formats import save_model, staged_folder, write_metadata
+from .hub import push
 from .loading import (
-    ResolvedModel,
     compute_dtype,
     load_model,
     load_tokenizer,
-    model_skeleton,
     pick_device,
     resolve,
-    torch_dtype,
 )
 from .metadata import build_metadata, evaluates_on_calibration_text
-from .options import config_to_dict
+from .options import config_to_dict, options_text
 from .plots import block_bars, have_matplotlib, kept_rank_shares, layer_map, module_scores, sparsity_map
+from .preflight import preflight, resolve_defaults, source_structure
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
-from .resources import check_memory, run_memory
 from .sequential import named_blocks
 from .structure import Structure
 
@@ -77,95 +72,8 @@ def _as_recipe(recipe: Recipe | dict | str) -> Recipe:
     return Recipe.from_yaml(recipe)
 
 
-def plan(resolved: ResolvedModel, recipe: Recipe, source: Structure | None = None) -> Structure:
-    """Check every step before any weight is loaded and return the planned structure map (kinds only), starting
-    from the `source` model's own map.
-
-    Each step must support the model's family; its check runs on a weightless (meta-device) copy of the model as
-    the earlier steps left it (a structural step applies its edit there), and a change that cannot follow an
-    earlier one on the same module is refused with the reason."""
-    config = resolved.config
-    configs = [config, getattr(config, "text_config", None)]
-    if getattr(config, "model_type", None) == "hfcompress":
-        raise UnsupportedModelError(f"{resolved.source!r} is an hfcompress output with low-rank or dropped "
-                                    "sub-layers; compress its original model instead, with all steps in one recipe")
-    if resolved.kind != "gguf" and getattr(config, "quantization_config", None):
-        raise UnsupportedModelError(f"{resolved.source!r} is already quantized "
-                                    f"({dict(config.quantization_config).get('quant_method', 'unknown method')}); "
-                                    "compress its original full-precision checkpoint instead")
-    experts = [getattr(c, name, None) for c in configs if c is not None
-               for name in ("num_local_experts", "num_experts", "n_routed_experts")]
-    if any(isinstance(n, int) and n > 1 for n in experts):
-        raise UnsupportedModelError(f"{resolved.source!r} is a mixture-of-experts model; its experts are fused "
-                                    "tensors rather than Linear layers, which no method handles yet")
-    specs = [get_method(type(step).method) for step in recipe.steps]
-    for spec in specs:
-        if resolved.family not in spec.supports:
-            architecture = (getattr(resolved.config, "architectures", None) or [resolved.config.model_type])[0]
-            raise UnsupportedModelError(f"method `{spec.name}` does not support {architecture} ({resolved.family}); "
-                                        f"it supports: {choices(spec.supports)}")
-    planned = Structure.from_dict(source.to_dict()) if source else Structure()
-    if any(spec.check for spec in specs):
-        skeleton = model_skeleton(resolved)
-        if resolved.dtype is not None:  # the dtype the weights will be stored in, for checks that count bytes
-            skeleton = skeleton.to(resolved.dtype)
-        for spec, step in zip(specs, recipe.steps, strict=True):
-            planned_change = spec.check(skeleton, step) if spec.check else None
-            if isinstance(planned_change, Report):  # a structural step: it edited the skeleton and says how
-                planned.add(planned_change.modules, planned_change.renamed, planned_change.config, method=spec.name)
-            elif planned_change is not None and spec.changes:
-                planned.add({name: {spec.changes: {}} for name in planned_change}, method=spec.name)
-    if recipe.output.dir:
-        writer_name(planned)  # a map no writer can store is refused now, not after the run
-    return planned
-
-
-def source_structure(resolved: ResolvedModel) -> Structure:
-    """The structure map the source already has (an earlier hfcompress output compressed again), else empty."""
-    if resolved.kind == "gguf":
-        return Structure()
-    try:
-        earlier = read_metadata(resolved.location, **({"token": resolved.token} if resolved.token else {}),
-                                **({"revision": resolved.revision} if resolved.revision else {}))
-    except Exception:  # no hfcompress.json to be had: an ordinary model
-        return Structure()
-    return structure_of(earlier) if earlier else Structure()
-
-
-def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.device) -> Recipe:
-    """Fill the device- and model-dependent defaults (window counts and lengths) and check lengths against the
-    model's context."""
-    calib, ev = recipe.calibration, recipe.evaluation
-    on_gpu = device.type == "cuda"
-    context = resolved.context_length or 2048
-    checks = [("calibration seq_len", calib.seq_len), ("evaluation seq_len", ev.seq_len)]
-    for what, length in checks:
-        if length is not None and length > context:
-            raise InvalidOptionError(f"{what} {length} is longer than the model's context ({context} tokens)")
-    return dataclasses.replace(
-        recipe,
-        calibration=dataclasses.replace(calib, n_samples=calib.n_samples or (128 if on_gpu else 32),
-                                        seq_len=calib.seq_len or min(2048 if on_gpu else 512, context)),
-        evaluation=dataclasses.replace(ev, seq_len=ev.seq_len or min(512, context)))
-
-
-def memory_parts(resolved: ResolvedModel, recipe: Recipe, device: torch.device) -> dict[str, int]:
-    """What the run will hold in CPU memory, by part (see `resources.run_memory`)."""
-    text = resolved.config.get_text_config()
-    calibrates = any(get_method(type(step).method).calibrates(step) for step in recipe.steps)
-    loaded = torch_dtype(recipe.model.dtype, device)
-    weight_bytes = loaded.itemsize if isinstance(loaded, torch.dtype) else (resolved.dtype or torch.float32).itemsize
-    evaluates = recipe.evaluation.enabled and resolved.family == "causal-lm"
-    return run_memory(sum(p.numel() for p in model_skeleton(resolved).parameters()),
-                      getattr(text, "hidden_size", 0) or 0, getattr(text, "vocab_size", 0) or 0,
-                      recipe.calibration.n_samples if calibrates else 0, recipe.calibration.seq_len,
-                      recipe.evaluation.seq_len if evaluates else 0, weight_bytes,
-                      (resolved.dtype or torch.float32).itemsize)
-
-
 def _describe(step: Any, report: Report) -> str:
-    options = ", ".join(f"{k}: {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                        for k, v in config_to_dict(step).items() if k != "method" and v not in (None, []))
+    options = options_text(step)
     stats = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.stats.items())
     return f"{report.method} ({options}); measured: {stats}"
 
@@ -209,28 +117,9 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
         token: Hub token for reading the source and pushing (default: HF_TOKEN or the stored login); it is passed
             through to the Hub client only, never logged or written.
     """
-    recipe = _as_recipe(recipe)
-    recipe.validate()
-    device = pick_device(recipe.model.device)
-    resolved = resolve(recipe.model.id, revision=recipe.model.revision,
-                       trust_remote_code=recipe.model.trust_remote_code, token=token,
-                       allow_pickle=recipe.model.allow_pickle)
-    source = source_structure(resolved)  # read once: planning and the run both start from it
-    planned = plan(resolved, recipe, source)
-    if recipe.export.onnx:
-        from .export import check_family
-
-        check_family(resolved.family, recipe.model.id)
-    if recipe.output.push_to:  # e.g. builtin:smollm2-135m is HuggingFaceTB/SmolLM2-135M-Instruct on the Hub
-        check_push_target(recipe.output.push_to, resolved.base_model)
-        check_token(token)
-    levels = {bits for step in recipe.steps if get_method(type(step).method).changes == "quantized"
-              for bits in (*getattr(step, "bits", ()), *getattr(step, "layer_bits", ()))}
-    warning = kernel_warning(levels)
-    if warning:
-        log(f"warning: {warning}")
-    recipe = resolve_defaults(recipe, resolved, device)
-    check_memory(memory_parts(resolved, recipe, device))  # before any weight is read
+    checked = preflight(_as_recipe(recipe), token, log)  # everything checked before any weight is read
+    recipe, device, resolved, source, planned = (checked.recipe, checked.device, checked.resolved, checked.source,
+                                                 checked.planned)
     run = Context(device=device, progress=progress, cancel=cancel,
                   compute_dtype=compute_dtype(recipe.model.compute_dtype, device))
     tokenizer = load_tokenizer(resolved)

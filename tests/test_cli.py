@@ -127,3 +127,16 @@ def test_push_without_a_token_says_so_before_any_network_call(tmp_path, capsys, 
     (tmp_path / "out").mkdir()
     assert main(["push", str(tmp_path / "out"), "--to", "me/x"]) == 2
     assert "pushing needs a Hub token" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("hfcompress.pipeline.load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    out = tmp_path / "out"
+    assert main(["compress", tiny("llama"), "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(out),
+                 "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for expected in ("(causal-lm, ", "step 1: rtn (bits: [4], group_size: '32'", "21 modules quantized",
+                     "calibration: none needed", f"output: {out}", "memory: about", "time: at least"):
+        assert expected in printed, expected
+    assert not out.exists()
+    assert main(["compress", tiny("llama"), "--method", "wanda", "--sparsity", "2", "--dry-run"]) == 2  # checked too

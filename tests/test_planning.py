@@ -106,7 +106,7 @@ def test_importing_the_recipe_pulls_in_no_heavy_library():
 def test_later_steps_are_checked_against_the_skeleton_as_earlier_steps_left_it(tiny, no_weights,  # noqa: F811
                                                                                 monkeypatch):
     """A structural step edits the weightless model during planning; a later step's check sees the edit."""
-    from hfcompress import pipeline
+    from hfcompress import preflight as pipeline  # the checks before loading
     from hfcompress.modules import remove_blocks
     from hfcompress.registry import MethodSpec, Report, get_method
 
