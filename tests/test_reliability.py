@@ -225,3 +225,18 @@ def test_a_disk_that_fills_while_writing_leaves_nothing(tiny, tmp_path, monkeypa
                              "evaluation": {"enabled": False}, "output": {"dir": str(tmp_path / "out")}},
                             log=lambda line: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_token_given_to_the_api_is_not_recorded(hub, tiny, tmp_path):
+    import hfcompress
+
+    token = "hf_ApiTokenXYZ0123456789"
+    out = tmp_path / "out"
+    result = hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "magnitude"}],
+                                  "evaluation": {"enabled": False},
+                                  "output": {"dir": str(out), "push_to": "alice/api-token"}},
+                                 log=lambda line: None, token=token)
+    assert hub.committed_with["alice/api-token"] == token  # it was used for the push, and only there
+    assert not any(token.encode() in p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert token not in json.dumps(result.metadata)
+    assert not any(token.encode() in data for data in hub.repos["alice/api-token"]["files"].values())
