@@ -55,6 +55,7 @@ SECTION_FLAGS = {
     ("evaluation", "source"): "--eval-source", ("evaluation", "seq_len"): "--eval-seq-len",
     ("evaluation", "n_windows"): "--eval-windows", ("evaluation", "text_field"): "--eval-text-field",
     ("evaluation", "split"): "--eval-split", ("evaluation", "subset"): "--eval-subset",
+    ("evaluation", "remeasure"): "--remeasure",
     ("output", "dir"): "--out", ("output", "overwrite"): "--overwrite", ("output", "push_to"): "--push-to",
     ("output", "private"): "--private", ("export", "onnx"): "--onnx",
 }

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from .cache import cached_measurement, measurement_key, weights_digest
 from .calibration import CalibrationData, cut_windows, load_calibration, read_text, token_stream
 from .card import render_card
 from .context import Context, Progress
@@ -23,6 +24,7 @@ from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
 from .formats import save_model, staged_folder, write_metadata
 from .hub import push
 from .loading import (
+    ResolvedModel,
     compute_dtype,
     load_model,
     load_tokenizer,
@@ -88,6 +90,19 @@ def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch
                        options="--eval-windows or --eval-seq-len")
 
 
+def before_key(resolved: ResolvedModel, windows: torch.Tensor | None, settings: dict[str, Any]) -> str | None:
+    """The cache key of the "before" numbers, or None when the weights cannot be read locally to name them."""
+    location = resolved.location
+    try:
+        if resolved.kind == "hub":  # the files just loaded are in the Hub cache: no network
+            from huggingface_hub import snapshot_download
+
+            location = snapshot_download(resolved.location, revision=resolved.revision, local_files_only=True)
+        return measurement_key(weights_digest(location, resolved.gguf_file), windows, settings)
+    except Exception:  # any reason not to cache is a reason to measure
+        return None
+
+
 def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None = None) -> dict[str, Any]:
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
     device = pick_device(model_spec.device)
@@ -143,10 +158,21 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     quantizes = "quantized" in planned.kinds
     run.check_cancelled()
     run.report(0.02, "measuring the model before compression")
-    before = (measure(model, resolved.family, device, windows, structure=source, sparsity=pruned,
-                      quantized=quantizes, speed=ev.speed, desc="before", storage_dtype=storage_dtype,
-                      tokenizer=tokenizer)
-              if ev.enabled else {})
+    before, before_cached = {}, False
+    if ev.enabled:
+        def measure_before() -> dict[str, Any]:
+            return measure(model, resolved.family, device, windows, structure=source, sparsity=pruned,
+                           quantized=quantizes, speed=ev.speed, desc="before", storage_dtype=storage_dtype,
+                           tokenizer=tokenizer)
+
+        key = None if ev.remeasure else before_key(resolved, windows, {
+            "family": resolved.family, "dtype": model.dtype, "storage": storage_dtype, "device": device,
+            "structure": source.to_dict(), "sparsity": pruned, "quantized": quantizes, "speed": ev.speed,
+            "threads": torch.get_num_threads()})
+        before, before_cached = cached_measurement(key, measure_before) if key else (measure_before(), False)
+        if before_cached:
+            log("before: the numbers an earlier run measured on the same weights, windows and settings "
+                "(--remeasure to measure again)")
 
     reports, steps_meta, structure = [], [], source
     for index, step in enumerate(recipe.steps):
@@ -176,6 +202,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
                               n_windows=None if windows is None else len(windows), structure=structure,
                               before=before, after=after, dtypes=dtypes)
     metadata["architectures"] = metadata["architectures"] or [type(model).__name__]  # a GGUF config names none
+    if metadata.get("evaluation"):
+        metadata["evaluation"]["before_cached"] = before_cached
     result = Result(model, tokenizer, reports, structure, before, after, metadata)
     if recipe.output.dir:
         run.check_cancelled()

@@ -71,6 +71,8 @@ class EvaluationSpec:
                                        "model's context)")
     n_windows: int | None = option(32, "number of windows (None: the whole text)")
     speed: bool = option(True, "measure prefill and decode tokens/s")
+    remeasure: bool = option(False, "measure the model before compression even when an earlier run recorded the "
+                                    "same weights, windows and settings (kept in ~/.cache/hfcompress)")
     text_field: str = option("text", "field holding the text in .jsonl files and datasets")
     split: str = option("test", "dataset split")
     subset: str | None = option(None, "dataset configuration, e.g. `wikitext-2-raw-v1` for `wikitext`")

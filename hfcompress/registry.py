@@ -27,7 +27,7 @@ RESERVED_OPTIONS = frozenset({
     "model", "method", "recipe", "no_eval", "revision", "dtype", "compute_dtype", "device", "trust_remote_code",
     "calib", "source", "n_samples", "seq_len", "seed", "text_field", "split", "subset", "eval_source",
     "eval_seq_len", "eval_windows", "eval_text_field", "eval_split", "eval_subset", "out", "dir", "overwrite",
-    "push_to", "private", "to", "token", "help", "onnx", "allow_pickle", "export",
+    "push_to", "private", "to", "token", "help", "onnx", "allow_pickle", "export", "remeasure",
 })
 
 

@@ -3,6 +3,8 @@ import os
 # The loopback Hub server speaks LFS, not Xet; this must be set before huggingface_hub is imported.
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# "before" numbers cached by the tests stay in the test run (session fixtures share this; each test gets its own)
+os.environ["HFCOMPRESS_CACHE"] = __import__("tempfile").mkdtemp(prefix="hfcompress-cache-")
 
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _isolated_hub_home(tmp_path, monkeypatch):
     """No test sees a real Hub token or cache."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HFCOMPRESS_CACHE", str(tmp_path / "hfcompress_cache"))  # no test reads another's numbers
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
 

@@ -69,3 +69,33 @@ def test_decode_speed_is_left_out_rather_than_absurd_when_noise_swamps_it(tiny, 
     monkeypatch.setattr(model, "generate", stalled)
     speed = tokens_per_second(model, _windows(1, 40), torch.device("cpu"), new_tokens=4, repeats=1)
     assert "decode_tokens_per_s" not in speed and speed["prefill_tokens_per_s"] > 0
+
+
+def test_a_second_run_reads_the_before_numbers_and_a_changed_setting_measures_again(tiny, tmp_path, monkeypatch):
+    import hfcompress
+    from hfcompress import pipeline
+
+    calls = []
+    measure = pipeline.measure
+    monkeypatch.setattr(pipeline, "measure", lambda *a, **k: calls.append(k["desc"]) or measure(*a, **k))
+    recipe = {"model": tiny("llama"), "steps": [{"method": "magnitude"}],
+              "evaluation": {"seq_len": 32, "n_windows": 2, "speed": False}}
+    first = hfcompress.compress(recipe, log=lambda line: None)
+    lines = []
+    second = hfcompress.compress(recipe, log=lines.append)
+    assert calls == ["before", "after", "after"] and second.before == first.before
+    assert second.metadata["evaluation"]["before_cached"] and any("earlier run" in line for line in lines)
+    hfcompress.compress({**recipe, "evaluation": {**recipe["evaluation"], "n_windows": 3}}, log=lambda line: None)
+    hfcompress.compress({**recipe, "evaluation": {**recipe["evaluation"], "remeasure": True}}, log=lambda line: None)
+    assert calls[3:] == ["before", "after", "before", "after"]
+    import shutil
+
+    changed = tmp_path / "changed"  # a copy of the same weights reads them too (by content, not by path) ...
+    shutil.copytree(tiny("llama"), changed)
+    hfcompress.compress({**recipe, "model": str(changed)}, log=lambda line: None)
+    hfcompress.compress({**recipe, "model": str(changed), "steps": [{"method": "magnitude", "sparsity": 0.3}]},
+                        log=lambda line: None)
+    build = __import__("tests.tiny_models", fromlist=["build"]).build
+    build("llama", changed, seed=1)  # ... and other weights in the same place are measured again
+    hfcompress.compress({**recipe, "model": str(changed)}, log=lambda line: None)
+    assert calls[7:] == ["after", "after", "before", "after"]
