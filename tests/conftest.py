@@ -1,10 +1,11 @@
 import os
+import tempfile
 
 # The loopback Hub server speaks LFS, not Xet; this must be set before huggingface_hub is imported.
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # "before" numbers cached by the tests stay in the test run (session fixtures share this; each test gets its own)
-os.environ["HFCOMPRESS_CACHE"] = __import__("tempfile").mkdtemp(prefix="hfcompress-cache-")
+os.environ["HFCOMPRESS_CACHE"] = tempfile.mkdtemp(prefix="hfcompress-cache-")
 
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
