@@ -168,8 +168,19 @@ def on_a_space() -> bool:
     return bool(os.environ.get("SPACE_ID") and os.environ.get("OAUTH_CLIENT_ID"))
 
 
+# the command-line ways to give a token, and what a person in the browser does instead
+TOKEN_ADVICE = [("log in (`hf auth login`) or set HF_TOKEN", "sign in (or paste a token)"),
+                ("`hf auth login` or HF_TOKEN", "sign in, or paste a token"),
+                ("check HF_TOKEN or run `hf auth login`", "sign in again or check the token you pasted"),
+                ("run `hf auth login` or set HF_TOKEN", "sign in, or paste a token")]
+
+
 def error_text(error: BaseException) -> str:
-    """What the app shows for a failed run: the message of an error a user can fix, else its type and message."""
-    if isinstance(error, HfCompressError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+    """What the app shows for a failed run: the message of an error a user can fix (its command-line advice about
+    tokens put as what to do in the browser), else its type and message."""
+    if not isinstance(error, HfCompressError):
+        return f"{type(error).__name__}: {error}"
+    text = str(error)
+    for command_line, browser in TOKEN_ADVICE:
+        text = text.replace(command_line, browser)
+    return text

@@ -89,7 +89,8 @@ def build_app() -> gr.Blocks:
                 remove = gr.Button("Remove last step")
         steps = gr.State([])
         recipe_view = gr.Code(language="yaml", label="recipe (steps run in order; Run with none added runs the form's "
-                                                     "step)", interactive=False, lines=4, elem_id="recipe")
+                                                     "step)", interactive=False, lines=1, max_lines=24,
+                              elem_id="recipe")
         with gr.Accordion("calibration", open=False, elem_id="calibration"):
             calib_source = gr.Textbox("builtin", label="source: builtin, a datasets id, or a .txt/.jsonl path",
                                       elem_id="calib-source")
@@ -165,7 +166,8 @@ def build_app() -> gr.Blocks:
             card_text = (folder / "README.md").read_text(encoding="utf-8").split("\n---\n", 1)[-1]
             user = profile.username if on_a_space() and profile is not None else _whoami(_token(typed, oauth))
             return ("Compressed and saved: compare the columns below, then download or push.", str(folder),
-                    result.table, images, archive(folder), card_text,
+                    result.table, gr.update(value=images, columns=max(1, min(3, len(images)))), archive(folder),
+                    card_text,
                     target_now or default_target(user, model_id, recipe_steps))
 
         def stop(request: gr.Request):

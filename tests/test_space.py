@@ -19,7 +19,7 @@ import hfcompress
 from hfcompress.errors import InvalidOptionError
 from hfcompress.recipe import Recipe
 from hfcompress.registry import available_methods
-from hfcompress.space import check_fits, default_target, method_form, step_from_form, steps_yaml
+from hfcompress.space import check_fits, default_target, error_text, method_form, step_from_form, steps_yaml
 from tests import oidc_server
 from tests.tiny_models import ROOT_DIR, fingerprint, reloaded_outputs
 
@@ -56,6 +56,25 @@ def test_form_values_become_checked_steps():
     assert [type(step).method for step in recipe.steps] == ["wanda", "rtn"] and recipe.calibration.n_samples == 8
     assert default_target("alice", "HuggingFaceTB/SmolLM2-135M", steps) == "alice/SmolLM2-135M-wanda-rtn"
     assert default_target(None, "builtin:smollm2-135m", steps[:1]) == "me/smollm2-135m-wanda"
+
+
+def test_errors_tell_a_browser_user_what_to_do_about_tokens():
+    import httpx
+    from huggingface_hub import errors as hub_errors
+
+    from hfcompress.errors import ModelLoadError, PushError
+    from hfcompress.hub import check_token
+    from hfcompress.loading import _hub_error
+
+    with pytest.raises(PushError) as pushing:
+        check_token()
+    response = httpx.Response(404, request=httpx.Request("GET", "http://hub"))
+    hub_side = [_hub_error("alice/x", kind("nope", response=response))
+                for kind in (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError)]
+    for error in (pushing.value, *hub_side):
+        text = error_text(error)
+        assert "hf auth login" not in text and "HF_TOKEN" not in text and "sign in" in text, text
+    assert error_text(ModelLoadError("plain")) == "plain" and error_text(KeyError("x")) == "KeyError: 'x'"
 
 
 def test_a_model_too_large_for_the_machine_is_refused_from_its_config(tiny):
