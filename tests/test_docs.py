@@ -30,3 +30,12 @@ def test_help_lists_every_method_and_option():
         for field in config_fields(spec.config_class):
             assert "--" + field.name.replace("_", "-") in compress_help
     assert "examples:" in compress_help
+
+
+def test_the_cpu_torch_hint_stands_beside_both_commands_and_does_not_stall():
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [line for line in quick_start.splitlines() if line.startswith("pip install -e")]
+    assert len(commands) == 2
+    hint = " ".join(quick_start.split(commands[1], 1)[1].split("\n\n", 2)[1].split())  # the paragraph after it
+    assert "before either one" in hint and "--index-url https://download.pytorch.org/whl/cpu" in hint
+    assert "cannot be reached" in hint and "work without it" in hint
