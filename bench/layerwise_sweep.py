@@ -60,9 +60,11 @@ def rounded_blocks(model, levels) -> dict[int, dict[str, torch.Tensor]]:
 
 
 def gptq_rounded_blocks(model, levels, context: Context) -> dict[int, dict[str, torch.Tensor]]:
-    """The same with GPTQ, each block's Hessians from the dense model's block inputs (one pass for every level;
-    `gptq` itself feeds each block the outputs of the blocks already quantized, which depend on the mix)."""
+    """The same with GPTQ at the method's defaults (act order, damp, block size), each block's Hessians from the dense
+    model's block inputs, one pass for every level (`gptq` itself feeds each block the outputs of the blocks already
+    quantized, which depend on the mix)."""
     cache: dict[int, dict[str, torch.Tensor]] = {bits: {} for bits in levels}
+    defaults = hfcompress.make_config("gptq", {"bits": 4, "group_size": GROUP_SIZE})  # the method's own settings
 
     def process(step: BlockStep) -> None:
         targets = find_linears(step.block, prefix=step.name)
@@ -71,7 +73,9 @@ def gptq_rounded_blocks(model, levels, context: Context) -> dict[int, dict[str, 
         for name, layer in targets.items():
             w = weight_matrix(layer).detach().float()
             for bits in levels:
-                q, scale = gptq_quantize(w, 2 * stats.hessian(name), bits, GROUP_SIZE, torch.float32)
+                q, scale = gptq_quantize(w, 2 * stats.hessian(name), bits, GROUP_SIZE, torch.float32,
+                                         block_size=defaults.block_size, damp=defaults.damp,
+                                         act_order=defaults.act_order)
                 cache[bits][name] = dequantize(q, scale)
 
     context.run_blocks(model, process, sequential=False, desc="gptq, every level")
