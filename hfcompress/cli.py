@@ -39,6 +39,8 @@ EXAMPLES = """examples:
   hfcompress compress HuggingFaceTB/SmolLM2-135M --method wanda --pattern 2:4 --out out/smollm2-24
   hfcompress compress --recipe recipe.yaml --out out/x --overwrite
   hfcompress compress ./my-model --method magnitude --sparsity 0.3 --out out/m --push-to me/m --private
+  hfcompress compress builtin:smollm2-135m --method rtn --bits 4 --group-size 64 --dry-run
+  hfcompress export out/smollm2-wanda --onnx out/smollm2-wanda-onnx
 
 Calibration defaults adapt to the device: 128 windows of 2048 tokens on GPU, 32 of 512 on CPU (a 135M model then
 compresses in a few minutes on a laptop CPU)."""
