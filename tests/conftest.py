@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _isolated_hub_home(tmp_path, monkeypatch):
     """No test sees a real Hub token or cache."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HFCOMPRESS_CACHE", str(tmp_path / "hfcompress_cache"))  # no test reads another's numbers
+    # no test reads another's "before" numbers; beside tmp_path, whose contents many tests check
+    monkeypatch.setenv("HFCOMPRESS_CACHE", str(tmp_path.parent / f"{tmp_path.name}-hfcompress-cache"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
 
