@@ -30,6 +30,7 @@ from .loading import (
     load_tokenizer,
     pick_device,
     resolve,
+    torch_dtype,
 )
 from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict, options_text
@@ -111,9 +112,16 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None 
     ev = resolve_defaults(Recipe(model_spec, evaluation=ev), resolved, device).evaluation
     tokenizer = load_tokenizer(resolved)
     windows = evaluation_windows(tokenizer, ev, resolved.family)
-    model = load_model(resolved, model_spec.dtype, device)
-    metrics = measure(model, resolved.family, device, windows, structure=source_structure(resolved),
-                      speed=ev.speed, sparsity=True, storage_dtype=resolved.dtype or model.dtype)
+    structure = source_structure(resolved)
+    quantized = structure.of_kind("quantized")
+    if quantized and resolved.kind == "local":  # an hfcompress output: measured as it was in memory
+        from .formats.compressed_tensors import load_unpacked
+
+        model = load_unpacked(resolved, quantized, torch_dtype(model_spec.dtype, device))[0]
+    else:
+        model = load_model(resolved, model_spec.dtype, device)
+    metrics = measure(model, resolved.family, device, windows, structure=structure, speed=ev.speed,
+                      sparsity=True, quantized=bool(quantized), storage_dtype=resolved.dtype or model.dtype)
     if resolved.kind == "local":  # what is really on disk
         metrics.update(size_metrics(folder_weights_bytes(resolved.location), metrics["parameters"]))
     return metrics

@@ -99,3 +99,19 @@ def test_a_second_run_reads_the_before_numbers_and_a_changed_setting_measures_ag
     build("llama", changed, seed=1)  # ... and other weights in the same place are measured again
     hfcompress.compress({**recipe, "model": str(changed)}, log=lambda line: None)
     assert calls[7:] == ["after", "after", "before", "after"]
+
+
+def test_eval_of_a_quantized_output_measures_the_model_as_it_was_saved(tiny, tmp_path):
+    import hfcompress
+    from hfcompress.pipeline import evaluate_model
+    from hfcompress.recipe import EvaluationSpec, ModelSpec
+
+    evaluation = {"seq_len": 32, "n_windows": 2, "speed": False}
+    result = hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "layerwise_quant", "bits": [8, 4, 2],
+                                                                     "layer_bits": [8, 4, 2], "group_size": 32}],
+                                  "evaluation": evaluation, "output": {"dir": str(tmp_path / "out")}},
+                                 log=lambda line: None)
+    metrics = evaluate_model(ModelSpec(id=str(tmp_path / "out")), EvaluationSpec(**evaluation))
+    assert metrics["perplexity"] == result.after["perplexity"]  # the same model, from its packed integers
+    assert metrics["nominal_bits"] == result.after["nominal_bits"]
+    assert metrics["size_bytes"] == result.after["size_bytes"]

@@ -14,14 +14,12 @@ that fails it leaves no output folder.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import importlib.util
 import json
 import os
 import platform
 import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import HfCompressError, UnsupportedModelError
@@ -69,52 +67,19 @@ def check_export(source: str, out: str, overwrite: bool = False) -> Any:
     return resolved
 
 
-def _saved_integers(location: str, quantized: dict[str, dict[str, Any]]) -> dict[str, tuple]:
-    """(q (N, K) int8, scale (N, K / group) float32) of each quantized layer, read from the saved files."""
-    from safetensors import safe_open
-
-    from ..formats.compressed_tensors import unpack_int32
-
-    tensors: dict[str, Any] = {}
-    wanted = {f"{name}.{part}" for name in quantized for part in ("weight_packed", "weight_scale", "weight_shape")}
-    for shard in sorted(Path(location).glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as weights:
-            tensors.update({key: weights.get_tensor(key) for key in weights.keys() if key in wanted})
-    integers = {}
-    for name, entry in quantized.items():
-        columns = int(tensors[f"{name}.weight_shape"][1])
-        integers[name] = (unpack_int32(tensors[f"{name}.weight_packed"], entry["bits"], columns),
-                          tensors[f"{name}.weight_scale"].float())
-    return integers
-
-
 def load_for_export(resolved: Any, metadata: dict[str, Any] | None) -> tuple[Any, dict[str, tuple]]:
-    """The model in float32 with each quantized layer as a plain Linear holding w = q * s, built from the saved
-    integers and scales; and for each such layer what `quantize_matmuls` needs."""
+    """The model in float32 with each quantized layer holding w = q * s from the saved integers and scales, and for
+    each such layer what `quantize_matmuls` needs."""
     import torch
-    from transformers.utils import logging
 
-    from ..formats import load, structure_of
+    from ..formats import structure_of
+    from ..formats.compressed_tensors import load_unpacked
 
     quantized = structure_of(metadata).of_kind("quantized") if metadata else {}
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if quantized:  # load the rest as a stock model; the quantized weights are filled in below
-        config = copy.deepcopy(resolved.config)
-        del config.quantization_config
-        kwargs["config"] = config
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the quantized layers' `weight` is reported missing: it is set right after
-    try:
-        model = load(resolved.location, **kwargs)
-    finally:
-        logging.set_verbosity(verbosity)
-    modules, layers = dict(model.named_modules()), {}
-    for name, (q, scale) in _saved_integers(resolved.location, quantized).items():
-        entry = quantized[name]
-        weight = (q.float().reshape(q.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)).reshape(q.shape)
-        with torch.no_grad():
-            modules[name].weight.copy_(weight)
-        layers[name] = (weight.numpy(), q.numpy(), scale.numpy(), entry["bits"], entry["group_size"])
+    model, integers = load_unpacked(resolved, quantized, torch.float32)
+    modules = dict(model.named_modules())
+    layers = {name: (modules[name].weight.detach().numpy(), q.numpy(), scale.numpy(), quantized[name]["bits"],
+                     quantized[name]["group_size"]) for name, (q, scale) in integers.items()}
     return model, layers
 
 

@@ -114,6 +114,49 @@ def packed(model: nn.Module, structure: Any, dtype: torch.dtype | None) -> tuple
     return state, lambda config: {**config, "quantization_config": groups}, [package_requirement(bit_widths)]
 
 
+def saved_integers(location: str | Path, quantized: dict[str, dict[str, Any]]) -> dict[str, tuple]:
+    """(q (out, in) int8, scale (out, in / group) float32) of each quantized layer, read from the saved files."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    wanted = {f"{name}.{part}" for name in quantized for part in ("weight_packed", "weight_scale", "weight_shape")}
+    for shard in sorted(Path(location).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as weights:
+            tensors.update({key: weights.get_tensor(key) for key in weights.keys() if key in wanted})
+    return {name: (unpack_int32(tensors[f"{name}.weight_packed"], entry["bits"],
+                                int(tensors[f"{name}.weight_shape"][1])), tensors[f"{name}.weight_scale"].float())
+            for name, entry in quantized.items()}
+
+
+def load_unpacked(resolved: Any, quantized: dict[str, dict[str, Any]], dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    """A saved output as the model it was in memory: stock modules, each quantized layer holding w = q * s with its
+    scales in `weight_scale`, from the saved integers (no compressed-tensors code in the way, whose dequantizing
+    loader refuses some mixed-width checkpoints). Returns (model, {name: (q, scale)})."""
+    import copy
+
+    from transformers.utils import logging
+
+    from ..formats import load
+    from ..quantization import store_quantized
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantized:  # load the rest as a stock model; the quantized weights are filled in below
+        config = copy.deepcopy(resolved.config)
+        del config.quantization_config
+        kwargs["config"] = config
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the quantized layers' `weight` is reported missing: it is set right after
+    try:
+        model = load(resolved.location, **kwargs)
+    finally:
+        logging.set_verbosity(verbosity)
+    modules, integers = dict(model.named_modules()), saved_integers(resolved.location, quantized)
+    with torch.no_grad():
+        for name, (q, scale) in integers.items():
+            store_quantized(modules[name], q, scale, scale.dtype)
+    return model, integers
+
+
 def save(model: nn.Module, folder: Path, structure: Any, dtype: torch.dtype | None) -> dict[str, Any]:
     """Write the model with its quantized layers packed; return what loading it needs."""
     state, edit_config, packages = packed(model, structure, dtype)
