@@ -25,7 +25,7 @@ from ..quantization import layer_integers
 from .dense import storage_state_dict, write
 
 PACKAGE = "compressed-tensors"
-SERVED_BITS = (4, 8)  # vLLM's compressed-tensors integer kernels (W4A16, W8A16); ONNX Runtime's MatMulNBits: 4
+SERVED_BITS = (4, 8)  # vLLM's compressed-tensors integer kernels (W4A16, W8A16)
 
 
 def kernel_warning(bit_widths: set[int]) -> str | None:
@@ -33,9 +33,10 @@ def kernel_warning(bit_widths: set[int]) -> str | None:
     others = sorted(set(bit_widths) - set(SERVED_BITS))
     if not others:
         return None
-    return (f"{'/'.join(map(str, others))}-bit layers have no vLLM kernel (vLLM serves 4- and 8-bit integer groups) "
-            "and no ONNX Runtime kernel on most providers (MatMulNBits is 4-bit; 2 and 8 on some); the model loads "
-            "in transformers, which dequantizes the weights")
+    return (f"{'/'.join(map(str, others))}-bit layers have no vLLM kernel (vLLM serves 4- and 8-bit integer groups)"
+            "; the model loads in transformers, which dequantizes the weights, and `hfcompress export` stores 3-, 5-, "
+            "6- and 7-bit layers in ONNX Runtime's next MatMulNBits width (4 or 8 bits: the same values, that "
+            "width's size)")
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
