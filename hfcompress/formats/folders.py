@@ -68,11 +68,11 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, source: s
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    (staging / OWNER_FILE).write_text(str(os.getpid()))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the output should get ordinary permissions
-    try:
+    try:  # from the first moment: an interrupt while setting up must not leave the folder behind either
+        (staging / OWNER_FILE).write_text(str(os.getpid()))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the output should get ordinary permissions
         yield staging
         (staging / OWNER_FILE).unlink()
         for path in staging.rglob("*"):  # some writers (safetensors) create owner-only files
