@@ -19,7 +19,7 @@ from torch import nn
 
 from .sequential import BlockStep, hidden_states_of
 
-STATISTICS = ("sum", "sq_sum", "hessian")
+STATISTICS = ("sum", "sq_sum", "hessian", "window_variance")
 
 
 class InputStatistics:
@@ -27,10 +27,11 @@ class InputStatistics:
 
     Args:
         layers: the layers to observe, by name.
-        want: which of `sum`, `sq_sum`, `hessian` to accumulate (the token count is always kept).
+        want: which of `sum`, `sq_sum`, `hessian`, `window_variance` to accumulate (the token count is always
+            kept).
 
     After the `with` block: `tokens(name)`, `windows(name)` (calibration sequences), `sum(name)` (in,),
-    `sq_sum(name)` (in,), `mean(name)`, `variance(name)`, `hessian(name)` (in, in).
+    `sq_sum(name)` (in,), `mean(name)`, `variance(name)`, `window_variance(name)` (in,), `hessian(name)` (in, in).
     """
 
     def __init__(self, layers: dict[str, nn.Module], want: Iterable[str] = ("sq_sum",)) -> None:
@@ -67,8 +68,11 @@ class InputStatistics:
         if owner != name:
             return
         self.window_count[name] = self.window_count.get(name, 0) + (x.shape[0] if x.dim() == 3 else 1)
-        x = x.reshape(-1, x.shape[-1]).float()       # (tokens, in)
         acc = self.values.setdefault(name, {})
+        if "window_variance" in self.want:           # x: (windows, tokens, in) or (tokens, in)
+            per_window = x.float().reshape(-1, x.shape[-2], x.shape[-1]).var(dim=1, unbiased=False)
+            acc["window_variance"] = acc.get("window_variance", 0) + per_window.sum(dim=0)
+        x = x.reshape(-1, x.shape[-1]).float()       # (tokens, in)
         self.count[name] = self.count.get(name, 0) + x.shape[0]
         if "sum" in self.want:
             acc["sum"] = acc.get("sum", 0) + x.sum(dim=0)
@@ -102,6 +106,10 @@ class InputStatistics:
             upper = acc.pop("hessian_upper")
             acc["hessian"] = torch.triu(upper) + torch.triu(upper, 1).t()
         return acc["hessian"]
+
+    def window_variance(self, name: str) -> torch.Tensor:
+        """Variance per input channel within each calibration window, averaged over the windows (in,)."""
+        return self._get(name, "window_variance") / self.windows(name)
 
     def mean(self, name: str) -> torch.Tensor:
         return self.sum(name) / self.tokens(name)

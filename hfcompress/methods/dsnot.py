@@ -14,11 +14,12 @@ Two variants choose the swaps differently:
   |e_i| <= `threshold`. As released: e is summed over the tokens of a calibration window (so the threshold 0.1
   means less as windows grow longer), the variance has no epsilon, and a swap is taken whenever |e| is above the
   threshold; unstructured runs have no same-sign stop (the released script's `--without_same_sign` is a
-  `type=bool` flag that is always true), N:M runs stop a row whose error would change sign. Our variance is pooled
-  over all tokens; theirs averages per-window variances.
+  `type=bool` flag that is always true), N:M runs stop a row whose error would change sign. The variance is theirs
+  too: each channel's variance within a calibration window, averaged over the windows (not pooled over all tokens).
 - the default picks, in every row and cycle, the pruned weight to grow and the kept weight to prune that lower the
   layer's reconstruction error ||(W - What) X||^2 over the calibration tokens the most, and takes the pair only if
-  together they lower it; a row stops when no pair does. `estimate: hessian` computes that error exactly from
+  together they lower it; a row stops when no pair does. With N:M the pair lies in one group of M: the group whose
+  best grow plus best prune gains most (their cross term left out for the choice), then the exact best pair in it. `estimate: hessian` computes that error exactly from
   H = X^T X; `estimate: diagonal` from H ~ T (diag(v) + mu mu^T), channels uncorrelated apart from their means
   (no Hessian to collect, weaker). Why: on SmolLM2-135M the paper's swap rule cancels the mean error e while the
   full reconstruction error rises in most layers (a swap that cancels means can add variance), and the refined
@@ -167,6 +168,11 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     Returns the refined keep mask and the number of swaps of each row (out,).
     """
     rows, cols = dense.shape
+    order = None
+    if nm is not None:  # columns reordered so that column m * G + g is entry m of group g: (rows, M, G) views
+        order = torch.arange(cols, device=dense.device).reshape(cols // nm[1], nm[1]).T.flatten()
+        dense, current, keep = dense[:, order], current[:, order], keep[:, order]
+        hessian = hessian[order][:, order]
     keep = keep.clone()
     swaps = torch.zeros(rows, dtype=torch.long, device=dense.device)
     diagonal = hessian.diagonal()
@@ -181,14 +187,14 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     for _ in range(cycles):
         grow_gain = torch.addcmul(grow_base, dense, residual, value=-2.0)     # (rows left, in)
         prune_gain = torch.addcmul(prune_base, current, residual, value=2.0)
-        grow_cost, grow, prune_cost, prune = best_pair(grow_gain, prune_gain, dense, current, hessian, nm)
-        at = torch.arange(len(ids), device=dense.device)
-        a, b = -dense[at, grow], current[at, prune]
-        searching &= grow_cost + prune_cost + 2 * a * b * hessian[grow, prune] < 0  # no candidate left: inf
+        change, grow, prune = best_pair(grow_gain, prune_gain, dense, current, hessian, nm)
+        searching &= change < 0                               # no candidate left: inf
         if not searching.any():
             break
-        residual.addcmul_(hessian.index_select(0, grow), (a * searching).unsqueeze(1))
-        residual.addcmul_(hessian.index_select(0, prune), (b * searching).unsqueeze(1))
+        at = torch.arange(len(ids), device=dense.device)
+        a, b = -dense[at, grow] * searching, current[at, prune] * searching
+        residual.addcmul_(hessian.index_select(0, grow), a.unsqueeze(1))
+        residual.addcmul_(hessian.index_select(0, prune), b.unsqueeze(1))
         local, grow, prune = at[searching], grow[searching], prune[searching]
         keep[ids[local], grow], keep[ids[local], prune] = True, False
         grow_base[local, grow] = torch.inf                    # a swapped weight is not swapped back
@@ -197,25 +203,33 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
         if len(local) < 0.875 * len(ids):                     # drop the rows that stopped from the working set
             ids, dense, current, residual, grow_base, prune_base, searching = (
                 t[local] for t in (ids, dense, current, residual, grow_base, prune_base, searching))
+    if order is not None:
+        keep[:, order] = keep.clone()
     return keep, swaps
 
 
 def best_pair(grow_gain: torch.Tensor, prune_gain: torch.Tensor, dense: torch.Tensor, current: torch.Tensor,
               hessian: torch.Tensor, nm: tuple[int, int] | None) -> tuple[torch.Tensor, ...]:
-    """Per row: (grow cost, grow column, prune cost, prune column) of the best pair; with `nm` both columns lie in
-    one group of M (the best pair of each group, then the best group, counting their cross term)."""
-    if nm is None:
-        grow_cost, grow = grow_gain.min(dim=1)
-        prune_cost, prune = prune_gain.min(dim=1)
-        return grow_cost, grow, prune_cost, prune
+    """Per row: (error change, grow column, prune column) of the pair to try. Unstructured: the best column to
+    grow and the best to prune. N:M (columns in the (rows, M, G) order of `refine_mask`): the group whose best
+    grow plus best prune gains most, then the exact best pair within it, cross term included."""
     rows, cols = grow_gain.shape
-    grow_cost, grow = grow_gain.reshape(rows, cols // nm[1], nm[1]).min(dim=2)      # (rows, groups)
-    prune_cost, prune = prune_gain.reshape(rows, cols // nm[1], nm[1]).min(dim=2)
-    offset = torch.arange(0, cols, nm[1], device=grow.device)
-    grow, prune = grow + offset, prune + offset
-    pair = grow_cost + prune_cost - 2 * dense.gather(1, grow) * current.gather(1, prune) * hessian[grow, prune]
-    best = pair.argmin(dim=1, keepdim=True)
-    return tuple(t.gather(1, best).squeeze(1) for t in (grow_cost, grow, prune_cost, prune))
+    if nm is None:
+        grow_change, grow = grow_gain.min(dim=1)
+        prune_change, prune = prune_gain.min(dim=1)
+        at = torch.arange(rows, device=grow.device)
+        cross = 2 * dense[at, grow] * current[at, prune] * hessian[grow, prune]
+        return grow_change + prune_change - cross, grow, prune
+    # amin over a non-inner dimension is vectorized; a min that also returns indices over dims this small is not
+    groups = cols // nm[1]
+    per_group = grow_gain.view(rows, nm[1], groups).amin(dim=1) + prune_gain.view(rows, nm[1], groups).amin(dim=1)
+    members = per_group.argmin(dim=1, keepdim=True) + groups * torch.arange(nm[1], device=grow_gain.device)
+    a, b = -dense.gather(1, members), current.gather(1, members)                # (rows, M): the best group
+    cross = 2 * a.unsqueeze(2) * b.unsqueeze(1) * hessian[members.unsqueeze(2), members.unsqueeze(1)]   # (rows, M, M)
+    pair = grow_gain.gather(1, members).unsqueeze(2) + prune_gain.gather(1, members).unsqueeze(1) + cross
+    change, best = pair.view(rows, -1).min(dim=1)
+    return change, members.gather(1, (best // nm[1]).unsqueeze(1)).squeeze(1), \
+        members.gather(1, (best % nm[1]).unsqueeze(1)).squeeze(1)
 
 
 def diagonal_hessian(mean: torch.Tensor, variance: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -236,16 +250,16 @@ def refine_layer(weight: torch.Tensor, stats: InputStatistics, name: str, ratio:
         return keep, current, torch.zeros(weight.shape[0], dtype=torch.long)
     initial_keep = keep
     pruned = weight * keep if current is None else current
-    variance = stats.variance(name)
     if config.faithful:
         per_window = stats.tokens(name) / stats.windows(name)  # the authors' error sums over a window's tokens
         same_sign = config.same_sign if config.same_sign is not None else nm is not None
-        keep, swaps = faithful_refine(weight, pruned, keep, stats.mean(name) * per_window, variance,
-                                      wanda_score(pruned, sq_sum), nm=nm, cycles=config.cycles,
-                                      power=config.power, threshold=config.threshold, same_sign=same_sign)
+        mean, variance = stats.mean(name) * per_window, stats.window_variance(name)
+        keep, swaps = faithful_refine(weight, pruned, keep, mean, variance, wanda_score(pruned, sq_sum), nm=nm,
+                                      cycles=config.cycles, power=config.power, threshold=config.threshold,
+                                      same_sign=same_sign)
     else:
         hessian = (stats.hessian(name) if config.estimate == "hessian"
-                   else diagonal_hessian(stats.mean(name), variance, stats.tokens(name)))
+                   else diagonal_hessian(stats.mean(name), stats.variance(name), stats.tokens(name)))
         keep, swaps = refine_mask(weight, pruned, keep, hessian, nm=nm, cycles=config.cycles)
     new_weight = None if current is None else torch.where(keep & ~initial_keep, weight, pruned * keep)
     return keep, new_weight, swaps
@@ -253,7 +267,7 @@ def refine_layer(weight: torch.Tensor, stats: InputStatistics, name: str, ratio:
 
 def dsnot_statistics(config: DSnoTConfig) -> tuple[str, ...]:
     hessian = config.init == "sparsegpt" or (not config.faithful and config.estimate == "hessian")
-    return ("sum", "sq_sum", "hessian") if hessian else ("sum", "sq_sum")
+    return ("sum", "sq_sum") + (("hessian",) if hessian else ()) + (("window_variance",) if config.faithful else ())
 
 
 @register(DSnoTConfig, paper="https://arxiv.org/abs/2310.08915", needs_calibration=True,
