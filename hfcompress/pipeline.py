@@ -44,7 +44,7 @@ from .structure import Structure
 SPARSITY_MAP = "sparsity_map.png"
 RECIPE_FILE = "recipe.yaml"  # the exact recipe, which the card says to rerun
 BLOCK_BITS, BLOCK_IMPORTANCE = "block_bits.png", "block_importance.png"
-DROP_SCORES, RANK_MAP = "layer_drop_scores.png", "rank_map.png"
+DROP_SCORES, RANK_MAP, GROUP_SCORES = "layer_drop_scores.png", "rank_map.png", "group_scores.png"
 
 
 @dataclass
@@ -266,7 +266,8 @@ def _save(result: Result, recipe: Recipe, storage_dtype: torch.dtype, log: Calla
 
 def _block_plots(result: Result, folder: Any, log: Callable[[str], None]) -> dict[str, str]:
     """PNGs of the bits per block and the importance scores a step allocated them with, of the scores layer_drop
-    chose its drops by, and of the rank kept in every layer a low-rank step factored (file name by plot)."""
+    chose its drops by, of the rank kept in every layer a low-rank step factored, and of the block scores a
+    pruning step allocated its sparsity by (file name by plot)."""
     blocks = [name for name, _ in named_blocks(result.model)]
     plots = {}
     for report in result.reports:
@@ -282,6 +283,10 @@ def _block_plots(result: Result, folder: Any, log: Callable[[str], None]) -> dic
                 layer_map(shares, folder / RANK_MAP, f"rank kept per layer ({report.method}; dense = 1)",
                           "rank / full rank")
                 plots["rank_map"] = RANK_MAP
+        if report.stats.get("grouping") == "block" and report.stats.get("group_scores") and have_matplotlib():
+            block_bars(report.stats["group_scores"], folder / GROUP_SCORES,
+                       f"{report.stats['order']}-order loss score per block (higher = pruned less)", "score")
+            plots["group_scores"] = GROUP_SCORES
         if "block_bits" not in report.stats:
             continue
         if not have_matplotlib():

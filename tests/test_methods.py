@@ -36,6 +36,8 @@ CASES = {
               ({"pattern": "4:8", "faithful": True}, ["mistral"], "plain"),
               ({"sparsity": 0.6, "init": "magnitude", "faithful": True, "refine": ["*attn*"]}, ["opt"], "plain"),
               ({"sparsity": 0.5, "estimate": "diagonal", "cycles": 5}, ["phi3"], "plain")],
+    "ecoflap": [({"sparsity": 0.5, "score_windows": 2}, ["llama", "gpt2"], "plain"),
+                ({"sparsity": 0.6, "order": "first", "grouping": "tensor"}, ["qwen3"], "plain")],
     "gptq": [({"bits": 4}, ["llama", "bert"], "package"),
              ({"bits": 3, "group_size": 16, "act_order": True}, ["qwen2"], "package"),
              ({"bits": 8, "block_size": 32}, ["mistral"], "package")],
@@ -133,9 +135,13 @@ def check_invariants(kind, config, result):
     """What must hold after a step of each kind of change, measured on the model in memory."""
     if kind == "sparse":
         nm = config.nm
+        groups = result.reports[0].stats.get("group_sparsity", {})   # per-group ratios (ecoflap)
         for name, layer in _block_layers(result.model):
             zeros = weight_matrix(layer) == 0
-            if nm:
+            group = next((g for g in groups if name == g or name.startswith(g + ".")), None)
+            if group:
+                assert (zeros.sum(1) == int(zeros.shape[1] * groups[group])).all(), name
+            elif nm:
                 assert (zeros.reshape(zeros.shape[0], -1, nm[1]).sum(-1) == nm[0]).all(), name
             elif getattr(config, "scope", "row") == "row" and getattr(config, "per_row", True):
                 assert (zeros.sum(1) == int(zeros.shape[1] * config.ratio)).all(), name

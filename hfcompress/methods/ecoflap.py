@@ -1,0 +1,294 @@
+"""ECoFLaP: coarse-to-fine layer-wise pruning (Sung et al., ICLR 2024, arXiv 2310.02998).
+
+Stage 1 (coarse) scores every targeted weight tensor by how much the model's own loss depends on it, sums the scores
+per group (a block by default, or each tensor) and turns them into per-group sparsity: every group first keeps
+1 - `max_sparsity` of its weights, the rest of the keep budget (1 - `sparsity` of all targeted weights) is shared in
+proportion to the group scores, capped at each group's size, until it is spent exactly. Stage 2 (fine) prunes each
+layer at its group's ratio with Wanda (or SparseGPT), block by block as usual.
+
+Stage-1 scores (`order`):
+- `zeroth` (default; forward passes only, as the paper's MeZO variant): along a random direction z ~ N(0, I) from
+  this step's own generator (`noise_seed`), the loss difference d = (L(W + eps z) - L(W - eps z)) / (2 eps) is the
+  directional derivative z . grad L, computed in fp32 over each stage-1 calibration window. `perturb: tensor` is the
+  authors' code: each tensor perturbed alone, its score the sum of |d| (two passes per tensor, window and noise
+  sample). `perturb: block` perturbs all tensors of a block at once (two passes per block): one score per block,
+  |z_b . grad_b L|, which estimates the block's gradient norm the way the per-tensor scores estimate each tensor's;
+  it only serves `grouping: block`. `perturb: all` (simultaneous perturbation of every targeted weight, SPSA) costs
+  two passes per window and noise sample whatever the model's size and gives every weight the estimate d z; a
+  tensor's score is the sum of |the estimates averaged over windows and samples|. That estimate's noise has the
+  size of the WHOLE gradient in every coordinate, so unless the samples outnumber the weights the per-tensor sums
+  measure the tensors' sizes, not their gradients, and the allocation comes out close to uniform (see the README).
+- `first`: |dL/dW| from one backward pass per window, summed per tensor (the authors' first-order variant).
+  The whole model is held on the compute device for the backward pass.
+
+The zeroth-order passes stream the model: each block moves to the compute device only while it runs, so a model
+larger than the device is scored as it is pruned. Weights are perturbed in place and restored from a copy exactly.
+Departures from the paper: the losses are averaged per window rather than per batch of windows (more directions for
+the same passes); the stage-1 windows are the first `score_windows` calibration windows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..context import Context
+from ..errors import InvalidOptionError
+from ..options import option
+from ..registry import Report, register
+from ..sequential import device_of, find_block_stacks, model_inputs, move, move_outer, onloaded_blocks
+from ..sparsity import PruningConfig, prune_blocks, pruning_check, pruning_targets
+from .sparsegpt import sparsegpt_prune
+from .wanda import wanda_mask
+
+ORDERS = ("zeroth", "first")
+PERTURBATIONS = ("all", "block", "tensor")
+
+
+@dataclass(frozen=True)
+class ECoFLaPConfig(PruningConfig):
+    method: ClassVar[str] = "ecoflap"
+    order: str = option("zeroth", "stage-1 scores from forward passes only (`zeroth`) or one backward pass per "
+                                  "window (`first`)", choices=ORDERS)
+    perturb: str = option("all", "zeroth order: perturb every targeted weight at once (`all`, 2 passes per window), "
+                                 "each `block` or each `tensor` in turn (2 passes per block or tensor)",
+                          choices=PERTURBATIONS)
+    noise_samples: int = option(1, "zeroth order: random directions per window")
+    noise_seed: int = option(0, "zeroth order: seed of the random directions (its own generator)")
+    eps: float = option(1e-3, "zeroth order: size of the perturbation")
+    score_windows: int = option(8, "calibration windows stage 1 uses (the first ones; 0 = all)")
+    grouping: str = option("block", "one sparsity per `block` or per `tensor`", choices=("block", "tensor"))
+    aggregate: str = option("sum", "group score: `sum` of its tensors' scores or their `mean` per weight",
+                            choices=("sum", "mean"))
+    max_sparsity: float | None = option(None, "highest sparsity of any group (default: sparsity + 0.1)")
+    local: str = option("wanda", "stage 2, inside each layer: `wanda` or `sparsegpt`", choices=("wanda", "sparsegpt"))
+    sequential: bool = option(True, "stage 2: statistics of block l come from the pruned blocks before it")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nm:
+            raise InvalidOptionError(f"ecoflap gives each group its own sparsity, which an N:M pattern fixes at "
+                                     f"{self.nm[0]}/{self.nm[1]}; use `pattern: unstructured`")
+        if self.max_sparsity is not None and not self.ratio <= self.max_sparsity < 1:
+            raise InvalidOptionError(f"max_sparsity must be in [sparsity, 1) = [{self.ratio:g}, 1), "
+                                     f"got {self.max_sparsity}")
+        if self.max_sparsity is None and self.ratio + 0.1 >= 1:
+            raise InvalidOptionError(f"sparsity {self.ratio:g} + the default bound 0.1 reaches 1; give "
+                                     f"max_sparsity in [{self.ratio:g}, 1)")
+        if self.noise_samples < 1 or self.score_windows < 0:
+            raise InvalidOptionError(f"noise_samples must be >= 1 and score_windows >= 0, got "
+                                     f"{self.noise_samples} and {self.score_windows}")
+        if not self.eps > 0:
+            raise InvalidOptionError(f"eps must be > 0, got {self.eps}")
+        if self.order == "zeroth" and self.perturb == "block" and self.grouping != "block":
+            raise InvalidOptionError("perturb: block gives one score per block; use grouping: block, or perturb: "
+                                     "tensor or all")
+
+    @property
+    def bound(self) -> float:
+        return self.max_sparsity if self.max_sparsity is not None else self.ratio + 0.1
+
+
+def allocate(sizes: list[int], scores: list[float], sparsity: float, max_sparsity: float) -> list[float]:
+    """Per-group sparsity: each group keeps at least (1 - max_sparsity) of its `sizes`, the rest of the budget
+    (1 - sparsity) * sum(sizes) goes to the groups in proportion to `scores`, capped at their size, until it is
+    spent. The weights kept, sum((1 - s_g) * size_g), equal the budget exactly (as real numbers)."""
+    size = torch.tensor(sizes, dtype=torch.float64)
+    score = torch.tensor(scores, dtype=torch.float64).clamp_min(0)
+    keep = size * (1 - max_sparsity)
+    left = (1 - sparsity) * size.sum() - keep.sum()
+    while left > 1e-9 * size.sum():
+        open_ = keep < size
+        weight = torch.where(open_, score, 0.0)
+        if weight.sum() == 0:                      # only zero scores can still grow: share by room left
+            weight = torch.where(open_, size - keep, 0.0)
+        add = torch.minimum(left * weight / weight.sum(), size - keep)
+        keep, left = keep + add, left - add.sum()
+    return (1 - keep / size).clamp(0, 1).tolist()
+
+
+def window_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) of a causal LM on one window (1, seq)."""
+    logits = model(**model_inputs(model, window)).logits[0, :-1].float()      # (seq - 1, vocab)
+    return F.cross_entropy(logits, window[0, 1:].to(logits.device))
+
+
+class StreamedLoss:
+    """Whole-model losses of the stage-1 windows, `loss(window index, start block)`, with the model where it is:
+    every block visits the compute device only while it runs, so a model larger than the device is scored. After
+    `record()`, the blocks before `start` replay the outputs they gave the unperturbed model instead of running
+    (perturbing block `start` or later cannot change them): perturbing the blocks one at a time then costs half the
+    forward passes. The recorded outputs take windows x blocks x seq x hidden numbers of CPU memory."""
+
+    def __init__(self, model: nn.Module, windows: list[torch.Tensor], device: torch.device) -> None:
+        self.model, self.windows, self.device = model, windows, device
+        self.blocks = [block for _, stack in find_block_stacks(model) for block in stack]
+        self.outputs: list[list] = []                      # per window, per block: its unperturbed output
+
+    def record(self) -> None:
+        seen: list = []
+        hooks = [b.register_forward_hook(lambda m, a, out: seen.append(move(out, "cpu"))) for b in self.blocks]
+        try:
+            for index in range(len(self.windows)):
+                self(index)
+                self.outputs.append(list(seen))
+                seen.clear()
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @torch.no_grad()
+    def __call__(self, index: int, start: int = 0) -> float:
+        home = device_of(self.model)
+        for block, output in zip(self.blocks[:start], self.outputs[index] if start else [], strict=False):
+            block.forward = lambda *args, out=output, **kwargs: move(out, self.device)  # shadows the class's
+        move_outer(self.model, self.device)
+        try:
+            with onloaded_blocks(self.blocks[start:], self.device):
+                return window_loss(self.model, self.windows[index].to(self.device)).item()
+        finally:
+            move_outer(self.model, home)
+            for block in self.blocks[:start]:
+                block.__dict__.pop("forward", None)
+
+
+def seed_of(*parts: int) -> int:
+    """A generator seed from (noise_seed, unit, window, sample): distinct draws, the same on every run."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**62)
+    return seed
+
+
+def directions(weights: dict[str, torch.Tensor], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """z ~ N(0, I) shaped like each weight, in order, from a generator of its own: the same seed, the same z."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, weight in weights.items():
+        yield name, torch.randn(weight.shape, generator=generator).to(weight.device, weight.dtype)
+
+
+def directional_derivative(weights: dict[str, torch.Tensor], seed: int, eps: float,
+                           loss: Callable[[], float]) -> float:
+    """(L(W + eps z) - L(W - eps z)) / (2 eps); `weights` are edited in place and restored exactly."""
+    originals = {name: weight.clone() for name, weight in weights.items()}
+    losses = []
+    try:
+        for sign in (1.0, -1.0):
+            for name, z in directions(weights, seed):
+                weights[name].copy_(originals[name]).add_(z, alpha=sign * eps)
+            losses.append(loss())
+    finally:
+        for name, weight in weights.items():
+            weight.copy_(originals[name])
+    return (losses[0] - losses[1]) / (2 * eps)
+
+
+def zeroth_order_scores(weights: dict[str, torch.Tensor], units: dict[str, list[str]], starts: dict[str, int],
+                        loss: StreamedLoss, config: ECoFLaPConfig) -> dict[str, float]:
+    """Score per unit (`perturb: block|tensor`: sum of |d| over windows and samples; `starts`: the index of the
+    unit's block) or per tensor (`perturb: all`: sum of |mean d z|)."""
+    draws = [(w, s) for w in range(len(loss.windows)) for s in range(config.noise_samples)]
+    if config.perturb != "all":
+        loss.record()
+        scores = dict.fromkeys(units, 0.0)
+        for index, (unit, names) in enumerate(units.items()):
+            for w, s in draws:
+                seed = seed_of(config.noise_seed, index, w, s)
+                scores[unit] += abs(directional_derivative({n: weights[n] for n in names}, seed, config.eps,
+                                                           partial(loss, w, starts[unit])))
+        return scores
+    estimate = {name: torch.zeros(weight.shape) for name, weight in weights.items()}   # running sum of d z
+    for w, s in draws:
+        seed = seed_of(config.noise_seed, len(units), w, s)
+        d = directional_derivative(weights, seed, config.eps, partial(loss, w))
+        for name, z in directions(weights, seed):
+            estimate[name].add_(z.float().cpu(), alpha=d)
+    return {name: (e / len(draws)).abs().sum().item() for name, e in estimate.items()}
+
+
+def first_order_scores(model: nn.Module, params: dict[str, nn.Parameter], windows: list[torch.Tensor],
+                       device: torch.device) -> dict[str, float]:
+    """sum |dL/dW| per tensor, averaged over windows; only the targeted weights take gradients."""
+    home = device_of(model)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    scores = dict.fromkeys(params, 0.0)
+    try:
+        model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for weight in params.values():
+            weight.requires_grad_(True)
+        for window in windows:
+            grads = torch.autograd.grad(window_loss(model, window.to(device)), list(params.values()))
+            for name, grad in zip(params, grads, strict=True):
+                scores[name] += grad.float().abs().sum().item() / len(windows)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.to(home)
+    return scores
+
+
+def group_sparsity(config: ECoFLaPConfig, layer_groups: dict[str, str], sizes: dict[str, int],
+                   scores: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(score, sparsity) per group from per-tensor or per-block scores."""
+    groups = list(dict.fromkeys(layer_groups.values()))
+    total = {g: 0.0 for g in groups}
+    numel = {g: 0 for g in groups}
+    for name, group in layer_groups.items():
+        numel[group] += sizes[name]
+        total[group] += scores[name] if name in scores else 0.0
+    for group in groups:
+        total[group] += scores.get(group, 0.0)             # block-level scores (perturb: block)
+        if config.aggregate == "mean":
+            total[group] /= numel[group]
+    ratios = allocate([numel[g] for g in groups], [total[g] for g in groups], config.ratio, config.bound)
+    return total, dict(zip(groups, ratios, strict=True))
+
+
+@register(ECoFLaPConfig, paper="https://arxiv.org/abs/2310.02998", needs_calibration=True,
+          supports=("causal-lm",), check=pruning_check, changes="sparse")
+def ecoflap(model: nn.Module, config: ECoFLaPConfig, context: Context) -> Report:
+    """ECoFLaP: per-block sparsity from a global (zeroth- or first-order) loss score, then Wanda inside each layer."""
+    targets = pruning_targets(model, config)
+    layers = {name: layer for block in targets.values() for name, layer in block.items()}
+    weights = {name: layer.weight.data for name, layer in layers.items()}
+    block_of = {name: block for block, found in targets.items() for name in found}
+    layer_groups = block_of if config.grouping == "block" else {name: name for name in layers}
+    windows = list(context.calibration.input_ids.split(1))[:config.score_windows or None]
+    start = time.perf_counter()
+    context.report(0.0, f"ecoflap stage 1: {config.order}-order scores on {len(windows)} windows")
+    if config.order == "first":
+        params = {name: layer.weight for name, layer in layers.items()}
+        scores, passes = first_order_scores(model, params, windows, context.device), len(windows)
+    else:
+        units = ({block: list(found) for block, found in targets.items() if found} if config.perturb == "block"
+                 else {name: [name] for name in layers})
+        index = {block: i for i, block in enumerate(targets)}
+        starts = {unit: index[unit if unit in index else block_of[unit]] for unit in units}
+        scores = zeroth_order_scores(weights, units, starts, StreamedLoss(model, windows, context.device), config)
+        passes = 2 * len(windows) * config.noise_samples * (1 if config.perturb == "all" else len(units))
+    stage1 = time.perf_counter() - start
+    totals, sparsities = group_sparsity(config, layer_groups, {n: w.numel() for n, w in weights.items()}, scores)
+    ratio = {name: sparsities[group] for name, group in layer_groups.items()}
+
+    def mask(weight, stats, name, layer_ratio, nm):
+        if config.local == "sparsegpt":
+            return sparsegpt_prune(weight, 2 * stats.hessian(name), layer_ratio, nm)
+        return wanda_mask(weight, stats, name, layer_ratio, nm)
+
+    start = time.perf_counter()
+    report = prune_blocks(model, config, context, mask, ratio_of=ratio.__getitem__, sequential=config.sequential,
+                          statistics=("hessian",) if config.local == "sparsegpt" else ("sq_sum",))
+    report.stats.update({"order": config.order, "perturb": config.perturb if config.order == "zeroth" else None,
+                         "grouping": config.grouping, "aggregate": config.aggregate, "max_sparsity": config.bound,
+                         "local": config.local, "score_windows": len(windows), "stage1_forward_passes": passes,
+                         "stage1_seconds": round(stage1, 2), "stage2_seconds": round(time.perf_counter() - start, 2),
+                         "group_scores": totals, "group_sparsity": {g: round(s, 6) for g, s in sparsities.items()}})
+    return report
