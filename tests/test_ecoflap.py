@@ -143,8 +143,21 @@ def test_bad_options_are_refused_before_loading(options, message):
         hfcompress.make_config("ecoflap", options)
 
 
-def test_encoders_are_refused_before_loading(tiny, tmp_path):
-    with pytest.raises(HfCompressError, match="causal-lm"):
-        hfcompress.compress({"model": tiny("bert"), "steps": [{"method": "ecoflap", "sparsity": 0.5}],
+@pytest.mark.parametrize("order", ["first", "zeroth"])
+def test_an_encoder_is_scored_by_its_sentence_embedding_objective(tiny, order):
+    model = load_model(resolve(tiny("bert")), "float32")
+    calibration = CalibrationData(torch.randint(0, 1000, (4, 24), generator=torch.Generator().manual_seed(2)))
+    config = hfcompress.make_config("ecoflap", {"sparsity": 0.5, "order": order, "perturb": "block"})
+    report = hfcompress.available_methods()["ecoflap"].transform(model, config, Context(calibration=calibration))
+    assert report.stats["stage1_forward_passes"] == (1 if order == "first" else 2 * 3)  # one batch, 3 blocks
+    assert all(score > 0 for score in report.stats["group_scores"].values())
+    single = CalibrationData(torch.randint(0, 1000, (1, 24)))
+    with pytest.raises(HfCompressError, match="at least 2"):
+        hfcompress.available_methods()["ecoflap"].transform(model, config, Context(calibration=single))
+
+
+def test_vision_language_models_are_refused_before_loading(tiny, tmp_path):
+    with pytest.raises(HfCompressError, match="vision-language.*`causal-lm`, `encoder`"):
+        hfcompress.compress({"model": tiny("llava"), "steps": [{"method": "ecoflap", "sparsity": 0.5}],
                              "calibration": {"n_samples": 2, "seq_len": 16}, "output": {"dir": str(tmp_path / "o")}},
                             log=lambda line: None)

@@ -19,12 +19,13 @@ Two variants choose the swaps differently:
 - the default picks, in every row and cycle, the pruned weight to grow and the kept weight to prune that lower the
   layer's reconstruction error ||(W - What) X||^2 over the calibration tokens the most, and takes the pair only if
   together they lower it; a row stops when no pair does. With N:M the pair lies in one group of M: the group whose
-  best grow plus best prune gains most (their cross term left out for the choice), then the exact best pair in it. `estimate: hessian` computes that error exactly from
-  H = X^T X; `estimate: diagonal` from H ~ T (diag(v) + mu mu^T), channels uncorrelated apart from their means
-  (no Hessian to collect, weaker). Why: on SmolLM2-135M the paper's swap rule cancels the mean error e while the
-  full reconstruction error rises in most layers (a swap that cancels means can add variance), and the refined
-  mask is worse than Wanda's; choosing swaps by the error they target makes every swap an improvement.
-  `threshold`, `same_sign` and `power` belong to the faithful rule and are not used here.
+  best grow plus best prune gains most (their cross term left out for the choice), then the exact best pair in it.
+  `estimate: hessian` computes that error exactly from H = X^T X; `estimate: diagonal` from H ~ T (diag(v) +
+  mu mu^T), channels uncorrelated apart from their means (no Hessian to collect, weaker). Why: on SmolLM2-135M
+  the paper's swap rule cancels the mean error e while the full reconstruction error rises in most layers (a swap
+  that cancels means can add variance), and the refined mask is worse than Wanda's; choosing swaps by the error
+  they target makes every swap an improvement. `threshold`, `same_sign` and `power` belong to the faithful rule
+  and are not used here.
 Both refine every Linear of the blocks by default; the authors refine attention only and leave the MLP on its
 initial mask (`refine: ["*attn*"]`). With `init: sparsegpt` the error starts from SparseGPT's updated weights (the
 authors' code only scores SparseGPT's saliency and never updates weights).

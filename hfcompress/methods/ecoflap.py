@@ -1,6 +1,7 @@
 """ECoFLaP: coarse-to-fine layer-wise pruning (Sung et al., ICLR 2024, arXiv 2310.02998).
 
-Stage 1 (coarse) scores every targeted weight tensor by how much the model's own loss depends on it, sums the scores
+Stage 1 (coarse) scores every targeted weight tensor by how much the model's own loss depends on it (next-token loss
+for causal LMs; for encoders a sentence-embedding objective, see `sentence_embedding_loss`), sums the scores
 per group (a block by default, or each tensor) and turns them into per-group sparsity: every group first keeps
 1 - `max_sparsity` of its weights, the rest of the keep budget (1 - `sparsity` of all targeted weights) is shared in
 proportion to the group scores, capped at each group's size, until it is spent exactly. Stage 2 (fine) prunes each
@@ -23,8 +24,9 @@ Stage-1 scores (`order`):
 
 The zeroth-order passes stream the model: each block moves to the compute device only while it runs, so a model
 larger than the device is scored as it is pruned. Weights are perturbed in place and restored from a copy exactly.
-Departures from the paper: the losses are averaged per window rather than per batch of windows (more directions for
-the same passes); the stage-1 windows are the first `score_windows` calibration windows.
+Departures from the paper: a causal LM's loss is taken per window rather than per batch of windows (more directions
+for the same passes; an encoder's contrastive loss needs the batch: all stage-1 windows at once); the stage-1
+windows are the first `score_windows` calibration windows.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import nn
 
 from ..context import Context
 from ..errors import InvalidOptionError
+from ..loading import model_family
 from ..options import option
 from ..registry import Report, register
 from ..sequential import device_of, find_block_stacks, model_inputs, move, move_outer, onloaded_blocks
@@ -113,21 +116,43 @@ def allocate(sizes: list[int], scores: list[float], sparsity: float, max_sparsit
     return (1 - keep / size).clamp(0, 1).tolist()
 
 
-def window_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (fp32) of a causal LM on one window (1, seq)."""
-    logits = model(**model_inputs(model, window)).logits[0, :-1].float()      # (seq - 1, vocab)
-    return F.cross_entropy(logits, window[0, 1:].to(logits.device))
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) of a causal LM over the windows of `batch` (B, seq), one at a time."""
+    losses = []
+    for window in batch.split(1):
+        logits = model(**model_inputs(model, window)).logits[0, :-1].float()  # (seq - 1, vocab)
+        losses.append(F.cross_entropy(logits, window[0, 1:].to(logits.device)))
+    return torch.stack(losses).mean()
+
+
+def sentence_embedding_loss(model: nn.Module, batch: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """A self-supervised sentence-embedding objective for encoders: the first and second half of each window
+    (B, seq) are encoded apart, mean-pooled and normalized; each first half must pick its own second half among the
+    batch's (symmetric InfoNCE on cosine / `temperature`, fp32). Needs B >= 2."""
+    half = batch.shape[1] // 2
+    spans = torch.cat([batch[:, :half], batch[:, half:2 * half]])              # (2B, seq / 2)
+    hidden = model(input_ids=spans, output_hidden_states=True).hidden_states[-1].float()
+    first, second = F.normalize(hidden.mean(dim=1), dim=-1).chunk(2)           # (B, hidden) each
+    logits = first @ second.t() / temperature                                  # (B, B)
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def model_loss(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The model's own loss: next-token for causal LMs, the sentence-embedding objective for encoders."""
+    return causal_lm_loss if model_family(model.config) == "causal-lm" else sentence_embedding_loss
 
 
 class StreamedLoss:
-    """Whole-model losses of the stage-1 windows, `loss(window index, start block)`, with the model where it is:
+    """Whole-model losses of the stage-1 batches, `loss(batch index, start block)`, with the model where it is:
     every block visits the compute device only while it runs, so a model larger than the device is scored. After
     `record()`, the blocks before `start` replay the outputs they gave the unperturbed model instead of running
     (perturbing block `start` or later cannot change them): perturbing the blocks one at a time then costs half the
     forward passes. The recorded outputs take windows x blocks x seq x hidden numbers of CPU memory."""
 
-    def __init__(self, model: nn.Module, windows: list[torch.Tensor], device: torch.device) -> None:
-        self.model, self.windows, self.device = model, windows, device
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> None:
+        self.model, self.batches, self.device = model, batches, device
+        self.loss = model_loss(model)
         self.blocks = [block for _, stack in find_block_stacks(model) for block in stack]
         self.outputs: list[list] = []                      # per window, per block: its unperturbed output
 
@@ -135,7 +160,7 @@ class StreamedLoss:
         seen: list = []
         hooks = [b.register_forward_hook(lambda m, a, out: seen.append(move(out, "cpu"))) for b in self.blocks]
         try:
-            for index in range(len(self.windows)):
+            for index in range(len(self.batches)):
                 self(index)
                 self.outputs.append(list(seen))
                 seen.clear()
@@ -151,7 +176,7 @@ class StreamedLoss:
         move_outer(self.model, self.device)
         try:
             with onloaded_blocks(self.blocks[start:], self.device):
-                return window_loss(self.model, self.windows[index].to(self.device)).item()
+                return self.loss(self.model, self.batches[index].to(self.device)).item()
         finally:
             move_outer(self.model, home)
             for block in self.blocks[:start]:
@@ -193,7 +218,7 @@ def zeroth_order_scores(weights: dict[str, torch.Tensor], units: dict[str, list[
                         loss: StreamedLoss, config: ECoFLaPConfig) -> dict[str, float]:
     """Score per unit (`perturb: block|tensor`: sum of |d| over windows and samples; `starts`: the index of the
     unit's block) or per tensor (`perturb: all`: sum of |mean d z|)."""
-    draws = [(w, s) for w in range(len(loss.windows)) for s in range(config.noise_samples)]
+    draws = [(w, s) for w in range(len(loss.batches)) for s in range(config.noise_samples)]
     if config.perturb != "all":
         loss.record()
         scores = dict.fromkeys(units, 0.0)
@@ -212,9 +237,9 @@ def zeroth_order_scores(weights: dict[str, torch.Tensor], units: dict[str, list[
     return {name: (e / len(draws)).abs().sum().item() for name, e in estimate.items()}
 
 
-def first_order_scores(model: nn.Module, params: dict[str, nn.Parameter], windows: list[torch.Tensor],
+def first_order_scores(model: nn.Module, params: dict[str, nn.Parameter], batches: list[torch.Tensor],
                        device: torch.device) -> dict[str, float]:
-    """sum |dL/dW| per tensor, averaged over windows; only the targeted weights take gradients."""
+    """sum |dL/dW| per tensor, averaged over batches; only the targeted weights take gradients."""
     home = device_of(model)
     flags = {p: p.requires_grad for p in model.parameters()}
     scores = dict.fromkeys(params, 0.0)
@@ -224,10 +249,11 @@ def first_order_scores(model: nn.Module, params: dict[str, nn.Parameter], window
             p.requires_grad_(False)
         for weight in params.values():
             weight.requires_grad_(True)
-        for window in windows:
-            grads = torch.autograd.grad(window_loss(model, window.to(device)), list(params.values()))
+        loss = model_loss(model)
+        for batch in batches:
+            grads = torch.autograd.grad(loss(model, batch.to(device)), list(params.values()))
             for name, grad in zip(params, grads, strict=True):
-                scores[name] += grad.float().abs().sum().item() / len(windows)
+                scores[name] += grad.float().abs().sum().item() / len(batches)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -253,7 +279,7 @@ def group_sparsity(config: ECoFLaPConfig, layer_groups: dict[str, str], sizes: d
 
 
 @register(ECoFLaPConfig, paper="https://arxiv.org/abs/2310.02998", needs_calibration=True,
-          supports=("causal-lm",), check=pruning_check, changes="sparse")
+          supports=("causal-lm", "encoder"), check=pruning_check, changes="sparse")
 def ecoflap(model: nn.Module, config: ECoFLaPConfig, context: Context) -> Report:
     """ECoFLaP: per-block sparsity from a global (zeroth- or first-order) loss score, then Wanda inside each layer."""
     targets = pruning_targets(model, config)
@@ -261,19 +287,23 @@ def ecoflap(model: nn.Module, config: ECoFLaPConfig, context: Context) -> Report
     weights = {name: layer.weight.data for name, layer in layers.items()}
     block_of = {name: block for block, found in targets.items() for name in found}
     layer_groups = block_of if config.grouping == "block" else {name: name for name in layers}
-    windows = list(context.calibration.input_ids.split(1))[:config.score_windows or None]
+    windows = context.calibration.input_ids[:config.score_windows or None]               # (n, seq)
+    causal = model_family(model.config) == "causal-lm"
+    if not causal and len(windows) < 2:
+        raise InvalidOptionError("ecoflap on an encoder needs at least 2 stage-1 windows (a contrastive loss)")
+    batches = list(windows.split(1)) if causal else [windows]  # the encoder loss contrasts a batch of windows
     start = time.perf_counter()
     context.report(0.0, f"ecoflap stage 1: {config.order}-order scores on {len(windows)} windows")
     if config.order == "first":
         params = {name: layer.weight for name, layer in layers.items()}
-        scores, passes = first_order_scores(model, params, windows, context.device), len(windows)
+        scores, passes = first_order_scores(model, params, batches, context.device), len(batches)
     else:
         units = ({block: list(found) for block, found in targets.items() if found} if config.perturb == "block"
                  else {name: [name] for name in layers})
         index = {block: i for i, block in enumerate(targets)}
         starts = {unit: index[unit if unit in index else block_of[unit]] for unit in units}
-        scores = zeroth_order_scores(weights, units, starts, StreamedLoss(model, windows, context.device), config)
-        passes = 2 * len(windows) * config.noise_samples * (1 if config.perturb == "all" else len(units))
+        scores = zeroth_order_scores(weights, units, starts, StreamedLoss(model, batches, context.device), config)
+        passes = 2 * len(batches) * config.noise_samples * (1 if config.perturb == "all" else len(units))
     stage1 = time.perf_counter() - start
     totals, sparsities = group_sparsity(config, layer_groups, {n: w.numel() for n, w in weights.items()}, scores)
     ratio = {name: sparsities[group] for name, group in layer_groups.items()}
@@ -290,5 +320,6 @@ def ecoflap(model: nn.Module, config: ECoFLaPConfig, context: Context) -> Report
                          "grouping": config.grouping, "aggregate": config.aggregate, "max_sparsity": config.bound,
                          "local": config.local, "score_windows": len(windows), "stage1_forward_passes": passes,
                          "stage1_seconds": round(stage1, 2), "stage2_seconds": round(time.perf_counter() - start, 2),
-                         "group_scores": totals, "group_sparsity": {g: round(s, 6) for g, s in sparsities.items()}})
+                         "group_scores": {g: float(f"{v:.4g}") for g, v in totals.items()},
+                         "group_sparsity": sparsities})
     return report
