@@ -119,12 +119,12 @@ def test_blocks_are_pruned_at_their_allocated_ratios_and_the_total_is_the_target
     layers = {n: weight_matrix(m) for p, b in named_blocks(model) for n, m in find_linears(b, prefix=p).items()}
     zeros = sum(int((w == 0).sum()) for w in layers.values())
     total = sum(w.numel() for w in layers.values())
-    assert zeros / total == pytest.approx(config.ratio, abs=0.01)   # tiny rows: rounding per row
+    assert zeros / total == pytest.approx(config.ratio, abs=0.005)  # tiny rows: rounding per row
     sparsity = report.stats["group_sparsity"]
     assert max(sparsity.values()) <= config.bound + 1e-9 and len(set(sparsity.values())) > 1
     for name, weight in layers.items():                              # every layer at its group's ratio, per row
         group = name if options.get("grouping") == "tensor" else name.rsplit(".", 2)[0]
-        expected = int(weight.shape[1] * sparsity[group])               # as keep_mask rounds
+        expected = round(weight.shape[1] * sparsity[group])             # the nearest count
         assert ((weight == 0).sum(1) == expected).all(), name
     assert report.stats["stage1_forward_passes"] > 0 and report.stats["order"] == options.get("order", "zeroth")
 

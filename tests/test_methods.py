@@ -140,7 +140,7 @@ def check_invariants(kind, config, result):
             zeros = weight_matrix(layer) == 0
             group = next((g for g in groups if name == g or name.startswith(g + ".")), None)
             if group:
-                assert (zeros.sum(1) == int(zeros.shape[1] * groups[group])).all(), name
+                assert (zeros.sum(1) == round(zeros.shape[1] * groups[group])).all(), name
             elif nm:
                 assert (zeros.reshape(zeros.shape[0], -1, nm[1]).sum(-1) == nm[0]).all(), name
             elif getattr(config, "scope", "row") == "row" and getattr(config, "per_row", True):

@@ -45,7 +45,7 @@ from ..errors import InvalidOptionError
 from ..loading import model_family
 from ..options import option
 from ..registry import Report, register
-from ..sequential import device_of, find_block_stacks, model_inputs, move, move_outer, onloaded_blocks
+from ..sequential import device_of, find_block_stacks, model_inputs, move, move_outer, onloaded_blocks, weight_matrix
 from ..sparsity import PruningConfig, prune_blocks, pruning_check, pruning_targets
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_mask
@@ -114,6 +114,13 @@ def allocate(sizes: list[int], scores: list[float], sparsity: float, max_sparsit
         add = torch.minimum(left * weight / weight.sum(), size - keep)
         keep, left = keep + add, left - add.sum()
     return (1 - keep / size).clamp(0, 1).tolist()
+
+
+def nearest_count_ratio(sparsity: float, columns: int) -> float:
+    """The ratio a layer is pruned at so that each row drops round(sparsity * columns) weights (the pruning loop
+    drops int(columns * ratio)): rounding to the nearest count keeps the total at the budget, where always rounding
+    down would leave the model up to one weight per row short of its target."""
+    return (min(round(sparsity * columns), columns) + 0.5) / columns
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -306,7 +313,8 @@ def ecoflap(model: nn.Module, config: ECoFLaPConfig, context: Context) -> Report
         passes = 2 * len(batches) * config.noise_samples * (1 if config.perturb == "all" else len(units))
     stage1 = time.perf_counter() - start
     totals, sparsities = group_sparsity(config, layer_groups, {n: w.numel() for n, w in weights.items()}, scores)
-    ratio = {name: sparsities[group] for name, group in layer_groups.items()}
+    ratio = {name: nearest_count_ratio(sparsities[group], weight_matrix(layers[name]).shape[1])
+             for name, group in layer_groups.items()}
 
     def mask(weight, stats, name, layer_ratio, nm):
         if config.local == "sparsegpt":
