@@ -38,6 +38,7 @@ from .plots import block_bars, have_matplotlib, kept_rank_shares, layer_map, mod
 from .preflight import preflight, resolve_defaults, source_structure
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
+from .resources import match_threads
 from .sequential import named_blocks
 from .structure import Structure
 
@@ -106,6 +107,7 @@ def before_key(resolved: ResolvedModel, windows: torch.Tensor | None, settings: 
 
 def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None = None) -> dict[str, Any]:
     """Measure one model (no compression): perplexity, size, parameters, sparsity, bits, tokens/s."""
+    match_threads()
     device = pick_device(model_spec.device)
     resolved = resolve(model_spec.id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
                        token=token, allow_pickle=model_spec.allow_pickle)
@@ -141,6 +143,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
             through to the Hub client only, never logged or written.
     """
     checked = preflight(_as_recipe(recipe), token, log)  # everything checked before any weight is read
+    match_threads(log)
     recipe, device, resolved, source, planned = (checked.recipe, checked.device, checked.resolved, checked.source,
                                                  checked.planned)
     run = Context(device=device, progress=progress, cancel=cancel,

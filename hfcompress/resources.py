@@ -1,4 +1,5 @@
-"""Memory a run needs, estimated from the config before any weight is read, against the memory this process may use."""
+"""Memory a run needs, estimated from the config before any weight is read, against the memory this process may
+use; and the CPU cores it may use, which the number of torch threads follows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from .errors import InvalidOptionError
 
 GiB = 2 ** 30
+CGROUP = Path("/sys/fs/cgroup")
 
 
 def available_memory() -> int:
@@ -18,7 +20,7 @@ def available_memory() -> int:
         available = int(meminfo["MemAvailable"].split()[0]) * 1024  # free pages plus reclaimable caches
     except (OSError, KeyError, ValueError):
         pass
-    cgroup = Path("/sys/fs/cgroup")
+    cgroup = CGROUP
     try:
         limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
@@ -48,3 +50,28 @@ def check_memory(parts: dict[str, int], available: int | None = None) -> int:
                                  f"{available / GiB:.1f} GiB are free: lower --n-samples or --seq-len (calibration), "
                                  "--eval-seq-len, load in --dtype bfloat16, or use a larger machine")
     return needed
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup (container) CPU quota, rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = (CGROUP / "cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def match_threads(log=None) -> int:
+    """Lower torch's thread count to the usable cores (more threads than cores only wait on each other); a count
+    the user set through OMP_NUM_THREADS is left alone. Returns the count in use."""
+    import torch
+
+    cores = usable_cpus()
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > cores:
+        if log is not None:
+            log(f"torch threads: {cores} (the cores this process may use; was {torch.get_num_threads()})")
+        torch.set_num_threads(cores)
+    return torch.get_num_threads()
