@@ -1,13 +1,13 @@
 """Benchmark: ECoFLaP's per-block sparsity vs uniform Wanda on SmolLM2-135M.
 
-    python bench/ecoflap_smollm2.py [--sparsities 0.5,0.6,0.7] [--variants first,zeroth,zeroth-block]
+    python bench/ecoflap_smollm2.py [--sparsities 0.5,0.6,0.7] [--variants first,zeroth,zeroth-block@0.6]
 
 For every sparsity: uniform Wanda, then ECoFLaP with each stage-1 variant (`first`: one backward pass per window;
-`zeroth`: the default, every weight perturbed at once; `zeroth-block`: each block perturbed in turn), Wanda inside
-the layers. Same model folder, calibration windows (32 x 512 tokens, seed 0; stage 1 uses the first 8) and
-evaluation windows for every run, one machine, one run. Records perplexity, the measured sparsity of the block
-Linear layers, the spread of the block sparsities and the stage-1 / stage-2 wall times. Writes
-bench/results/ecoflap_smollm2.{json,md,png}.
+`zeroth`: the default, every weight perturbed at once; `zeroth-block`: each block perturbed in turn; `name@0.6`
+runs a variant at that sparsity only), Wanda inside the layers. Same model folder, calibration windows
+(--n-samples x --seq-len tokens, seed 0; stage 1 uses the first 8) and evaluation windows for every run, one
+machine, one run. Records perplexity, the measured sparsity of the block Linear layers, the spread of the block
+sparsities and the stage-1 / stage-2 wall times. Writes bench/results/ecoflap_smollm2.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -33,14 +33,16 @@ VARIANTS = {"first": {"order": "first"}, "zeroth": {}, "zeroth-block": {"perturb
 def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--sparsities", default="0.5,0.6,0.7")
-    parser.add_argument("--variants", default="first,zeroth,zeroth-block")
+    parser.add_argument("--variants", default="first,zeroth,zeroth-block@0.6")
     args = parser.parse_args()
     _, _, resolved, calibration, _, windows = prepare(args, llmc=False)
     device = torch.device("cpu")
     rows: list[dict] = [{"method": "dense", "sparsity": 0.0, "seconds": 0.0,
                          "perplexity": perplexity(hf_load_model(resolved, "float32", device), windows, device)}]
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        for label in ["wanda", *args.variants.split(",")]:
+        variants = [v.split("@")[0] for v in args.variants.split(",") if float(v.split("@")[-1] if "@" in v
+                                                                               else sparsity) == sparsity]
+        for label in ["wanda", *variants]:
             model = hf_load_model(resolved, "float32", device)
             method, options = ("wanda", {}) if label == "wanda" else ("ecoflap", VARIANTS[label])
             start = time.perf_counter()

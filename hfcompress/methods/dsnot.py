@@ -267,8 +267,10 @@ def refine_layer(weight: torch.Tensor, stats: InputStatistics, name: str, ratio:
 
 
 def dsnot_statistics(config: DSnoTConfig) -> tuple[str, ...]:
-    hessian = config.init == "sparsegpt" or (not config.faithful and config.estimate == "hessian")
-    return ("sum", "sq_sum") + (("hessian",) if hessian else ()) + (("window_variance",) if config.faithful else ())
+    """The input statistics a run needs: channel means only where an error or estimate uses them."""
+    exact = not config.faithful and config.estimate == "hessian"
+    return (("sq_sum",) + (() if exact else ("sum",)) + (("hessian",) if exact or config.init == "sparsegpt" else ())
+            + (("window_variance",) if config.faithful else ()))
 
 
 @register(DSnoTConfig, paper="https://arxiv.org/abs/2310.08915", needs_calibration=True,
