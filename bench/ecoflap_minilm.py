@@ -31,7 +31,8 @@ from hfcompress.recipe import EvaluationSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"wanda": ("wanda", {}), "ecoflap first": ("ecoflap", {"order": "first"}),
-            "ecoflap zeroth": ("ecoflap", {}), "ecoflap zeroth-block": ("ecoflap", {"perturb": "block"})}
+            "ecoflap zeroth": ("ecoflap", {"order": "zeroth"}),
+            "ecoflap zeroth-block": ("ecoflap", {"order": "zeroth", "perturb": "block"})}
 
 
 @torch.no_grad()

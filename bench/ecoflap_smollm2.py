@@ -2,8 +2,8 @@
 
     python bench/ecoflap_smollm2.py [--sparsities 0.5,0.6,0.7] [--variants first,zeroth,zeroth-block@0.6]
 
-For every sparsity: uniform Wanda, then ECoFLaP with each stage-1 variant (`first`: one backward pass per window;
-`zeroth`: the default, every weight perturbed at once; `zeroth-block`: each block perturbed in turn; `name@0.6`
+For every sparsity: uniform Wanda, then ECoFLaP with each stage-1 variant (`first`: the default, one backward
+pass per window; `zeroth`: every weight perturbed at once; `zeroth-block`: each block perturbed in turn; `name@0.6`
 runs a variant at that sparsity only), Wanda inside the layers. Same model folder, calibration windows
 (--n-samples x --seq-len tokens, seed 0; stage 1 uses the first 8) and evaluation windows for every run, one
 machine, one run. Records perplexity, the measured sparsity of the block Linear layers, the spread of the block
@@ -26,8 +26,9 @@ from hfcompress.context import Context
 from hfcompress.evaluate import perplexity
 from hfcompress.loading import load_model as hf_load_model
 
-VARIANTS = {"first": {"order": "first"}, "zeroth": {}, "zeroth-block": {"perturb": "block"},
-            "zeroth-tensor": {"perturb": "tensor"}}
+VARIANTS = {"first": {"order": "first"}, "zeroth": {"order": "zeroth"},
+            "zeroth-block": {"order": "zeroth", "perturb": "block"},
+            "zeroth-tensor": {"order": "zeroth", "perturb": "tensor"}}
 
 
 def main() -> None:

@@ -91,7 +91,8 @@ def test_zeroth_order_tensor_scores_follow_the_first_order_gradient_norms(llama)
               for name, layer in find_linears(block, prefix=prefix).items()}
     first = first_order_scores(model, params, list(windows.split(1)), torch.device("cpu"))
     assert all(p.requires_grad for p in model.parameters())          # gradient flags as they were
-    config = hfcompress.make_config("ecoflap", {"sparsity": 0.5, "perturb": "tensor", "noise_samples": 2})
+    config = hfcompress.make_config("ecoflap", {"sparsity": 0.5, "order": "zeroth", "perturb": "tensor",
+                                                "noise_samples": 2})
     block_index = {name: i for i, (prefix, block) in enumerate(named_blocks(model))
                    for name in find_linears(block, prefix=prefix)}
     zeroth = zeroth_order_scores(weights, {n: [n] for n in weights}, block_index,
@@ -106,10 +107,10 @@ def test_zeroth_order_tensor_scores_follow_the_first_order_gradient_norms(llama)
 
 
 @pytest.mark.parametrize("options", [
-    {"sparsity": 0.6},                                               # zeroth order, all weights at once
-    {"sparsity": 0.6, "order": "first", "aggregate": "mean"},
-    {"sparsity": 0.5, "perturb": "block", "max_sparsity": 0.8, "local": "sparsegpt"},
-    {"sparsity": 0.5, "perturb": "tensor", "grouping": "tensor", "score_windows": 2},
+    {"sparsity": 0.6, "order": "zeroth"},                            # zeroth order, all weights at once
+    {"sparsity": 0.6, "aggregate": "mean"},                          # first order (the default)
+    {"sparsity": 0.5, "order": "zeroth", "perturb": "block", "max_sparsity": 0.8, "local": "sparsegpt"},
+    {"sparsity": 0.5, "order": "zeroth", "perturb": "tensor", "grouping": "tensor", "score_windows": 2},
 ])
 def test_blocks_are_pruned_at_their_allocated_ratios_and_the_total_is_the_target(tiny, options):
     model = load_model(resolve(tiny("llama")), "float32")
@@ -126,7 +127,7 @@ def test_blocks_are_pruned_at_their_allocated_ratios_and_the_total_is_the_target
         group = name if options.get("grouping") == "tensor" else name.rsplit(".", 2)[0]
         expected = round(weight.shape[1] * sparsity[group])             # the nearest count
         assert ((weight == 0).sum(1) == expected).all(), name
-    assert report.stats["stage1_forward_passes"] > 0 and report.stats["order"] == options.get("order", "zeroth")
+    assert report.stats["stage1_forward_passes"] > 0 and report.stats["order"] == options.get("order", "first")
 
 
 @pytest.mark.parametrize("options,message", [
@@ -135,7 +136,7 @@ def test_blocks_are_pruned_at_their_allocated_ratios_and_the_total_is_the_target
     ({"sparsity": 0.5, "grouping": "layer"}, "valid: `block`, `tensor`"),
     ({"sparsity": 0.5, "order": "second"}, "valid: `zeroth`, `first`"),
     ({"pattern": "2:4"}, "unstructured"),
-    ({"sparsity": 0.5, "perturb": "block", "grouping": "tensor"}, "grouping: block"),
+    ({"sparsity": 0.5, "order": "zeroth", "perturb": "block", "grouping": "tensor"}, "grouping: block"),
     ({"sparsity": 0.5, "noise_samples": 0}, "noise_samples"),
 ])
 def test_bad_options_are_refused_before_loading(options, message):

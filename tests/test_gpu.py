@@ -31,7 +31,7 @@ def _weights(model):
                                             ("dsnot", {"sequential": False, "cycles": 10}),
                                             ("sparsegpt", {"sequential": False}),
                                             ("gptq", {"bits": 4}),
-                                            ("ecoflap", {"sequential": False, "perturb": "block"})])
+                                            ("ecoflap", {"sequential": False, "order": "zeroth"})])
 def test_cuda_and_cpu_give_the_same_result_and_the_model_stays_on_the_cpu(tiny, method, options):
     ids = torch.randint(0, 30000, (4, 32), generator=torch.Generator().manual_seed(0))
     on_cpu, on_gpu = (load_model(resolve(tiny("llama")), "float32") for _ in range(2))
@@ -51,7 +51,8 @@ def test_cuda_and_cpu_give_the_same_result_and_the_model_stays_on_the_cpu(tiny, 
 
 
 @needs_gpu
-@pytest.mark.parametrize("method,options", [("wanda", {}), ("ecoflap", {"perturb": "block", "score_windows": 1})])
+@pytest.mark.parametrize("method,options", [("wanda", {}), ("ecoflap", {"order": "zeroth", "perturb": "block",
+                                                                      "score_windows": 1})])
 def test_peak_gpu_memory_is_about_one_block(tiny, tmp_path, method, options):
     """3.5 GB of weights on the CPU; the GPU holds the embeddings while the first block's inputs are captured, then
     one block at a time, plus the (small) calibration activations. ECoFLaP's stage-1 passes stream the blocks the

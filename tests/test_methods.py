@@ -37,7 +37,7 @@ CASES = {
               ({"sparsity": 0.6, "init": "magnitude", "faithful": True, "refine": ["*attn*"]}, ["opt"], "plain"),
               ({"sparsity": 0.5, "estimate": "diagonal", "cycles": 5}, ["phi3"], "plain")],
     "ecoflap": [({"sparsity": 0.5, "score_windows": 2}, ["llama", "gpt2", "bert"], "plain"),
-                ({"sparsity": 0.6, "order": "first", "grouping": "tensor"}, ["qwen3"], "plain")],
+                ({"sparsity": 0.6, "order": "zeroth", "perturb": "block"}, ["qwen3"], "plain")],
     "gptq": [({"bits": 4}, ["llama", "bert"], "package"),
              ({"bits": 3, "group_size": 16, "act_order": True}, ["qwen2"], "package"),
              ({"bits": 8, "block_size": 32}, ["mistral"], "package")],

@@ -8,7 +8,9 @@ proportion to the group scores, capped at each group's size, until it is spent e
 layer at its group's ratio with Wanda (or SparseGPT), block by block as usual.
 
 Stage-1 scores (`order`):
-- `zeroth` (default; forward passes only, as the paper's MeZO variant): along a random direction z ~ N(0, I) from
+- `first` (default): |dL/dW| from one backward pass per window, summed per tensor (the authors' first-order variant).
+  The whole model is held on the compute device for the backward pass.
+- `zeroth` (forward passes only, the paper's MeZO variant): along a random direction z ~ N(0, I) from
   this step's own generator (`noise_seed`), the loss difference d = (L(W + eps z) - L(W - eps z)) / (2 eps) is the
   directional derivative z . grad L, computed in fp32 over each stage-1 calibration window. `perturb: tensor` is the
   authors' code: each tensor perturbed alone, its score the sum of |d| (two passes per tensor, window and noise
@@ -19,8 +21,8 @@ Stage-1 scores (`order`):
   tensor's score is the sum of |the estimates averaged over windows and samples|. That estimate's noise has the
   size of the WHOLE gradient in every coordinate, so unless the samples outnumber the weights the per-tensor sums
   measure the tensors' sizes, not their gradients, and the allocation comes out close to uniform (see the README).
-- `first`: |dL/dW| from one backward pass per window, summed per tensor (the authors' first-order variant).
-  The whole model is held on the compute device for the backward pass.
+Why `first` is the default: on SmolLM2-135M at 60 % it gives 0.83x uniform Wanda's perplexity, while `zeroth` with
+every weight perturbed at once is no better than uniform, and per-tensor perturbation takes hours on a CPU.
 
 The zeroth-order passes stream the model: each block moves to the compute device only while it runs, so a model
 larger than the device is scored as it is pruned. Weights are perturbed in place and restored from a copy exactly.
@@ -57,8 +59,8 @@ PERTURBATIONS = ("all", "block", "tensor")
 @dataclass(frozen=True)
 class ECoFLaPConfig(PruningConfig):
     method: ClassVar[str] = "ecoflap"
-    order: str = option("zeroth", "stage-1 scores from forward passes only (`zeroth`) or one backward pass per "
-                                  "window (`first`)", choices=ORDERS)
+    order: str = option("first", "stage-1 scores from one backward pass per window (`first`) or from forward "
+                                 "passes only (`zeroth`)", choices=ORDERS)
     perturb: str = option("all", "zeroth order: perturb every targeted weight at once (`all`, 2 passes per window), "
                                  "each `block` or each `tensor` in turn (2 passes per block or tensor)",
                           choices=PERTURBATIONS)
