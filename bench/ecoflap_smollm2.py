@@ -97,13 +97,13 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = sorted({r["sparsity"] for r in rows if r["group_sparsity"]})
+    targets = sorted({r["sparsity"] for r in rows if r.get("group_sparsity")})
     if not targets:
         return
     target = targets[len(targets) // 2]
     fig, ax = plt.subplots(figsize=(9, 3.4))
     for r in rows:
-        if r["sparsity"] == target and r["group_sparsity"]:
+        if r["sparsity"] == target and r.get("group_sparsity"):
             values = list(r["group_sparsity"].values())
             ax.plot(range(len(values)), values, marker="o", ms=3, label=f"ecoflap {r['method']}")
     ax.axhline(target, color="grey", ls="--", label="uniform wanda")
