@@ -20,11 +20,10 @@ def available_memory() -> int:
         available = int(meminfo["MemAvailable"].split()[0]) * 1024  # free pages plus reclaimable caches
     except (OSError, KeyError, ValueError):
         pass
-    cgroup = CGROUP
     try:
-        limit = (cgroup / "memory.max").read_text().strip()
+        limit = (CGROUP / "memory.max").read_text().strip()
         if limit != "max":
-            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
+            available = min(available, int(limit) - int((CGROUP / "memory.current").read_text()))
     except (OSError, ValueError):
         pass
     return available
