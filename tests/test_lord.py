@@ -15,7 +15,7 @@ from hfcompress.methods.lord import (
     spectrum,
     whitening,
 )
-from tests.tiny_models import fingerprint, reloaded_outputs
+from tests.tiny_models import fingerprint, reloaded_outputs, same_outputs
 
 CALIBRATION = {"n_samples": 4, "seq_len": 32}
 
@@ -133,7 +133,7 @@ def test_factors_quantize_and_reload(tiny, tmp_path):
     reloaded = reloaded_outputs(str(out), tmp_path)
     assert "trust_remote_code=True" in reloaded.pop("transformers")
     for loader, logits in reloaded.items():
-        assert isinstance(logits, torch.Tensor) and torch.equal(logits, fingerprint(result.model)), loader
+        assert isinstance(logits, torch.Tensor) and same_outputs(logits, fingerprint(result.model)), loader
     with pytest.raises(InvalidOptionError, match="after an earlier step made it quantized"):
         hfcompress.compress({"model": tiny("qwen2"), "steps": [{"method": "rtn", "bits": 4}, {"method": "lord"}]},
                             log=lambda line: None)
@@ -152,4 +152,4 @@ def test_factors_take_a_mixed_precision_allocation(tiny, tmp_path):
         block = int(name.split(".")[2])
         assert bits[f"{name}.first"]["bits"] == bits[f"{name}.second"]["bits"] == [8, 4, 2][block], name
     reloaded = reloaded_outputs(str(out), tmp_path)
-    assert torch.equal(reloaded["hfcompress"], fingerprint(result.model))
+    assert same_outputs(reloaded["hfcompress"], fingerprint(result.model))
