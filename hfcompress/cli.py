@@ -57,7 +57,7 @@ SECTION_FLAGS = {
     ("evaluation", "source"): "--eval-source", ("evaluation", "seq_len"): "--eval-seq-len",
     ("evaluation", "n_windows"): "--eval-windows", ("evaluation", "text_field"): "--eval-text-field",
     ("evaluation", "split"): "--eval-split", ("evaluation", "subset"): "--eval-subset",
-    ("evaluation", "remeasure"): "--remeasure",
+    ("evaluation", "remeasure"): "--remeasure", ("evaluation", "dtype"): "--eval-dtype",
     ("output", "dir"): "--out", ("output", "overwrite"): "--overwrite", ("output", "push_to"): "--push-to",
     ("output", "private"): "--private", ("export", "onnx"): "--onnx",
 }
@@ -212,14 +212,14 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "methods":
         print(methods_table())
     elif args.command == "compress":
-        from .pipeline import compress
-
-        recipe = recipe_from_args(args)
+        recipe = recipe_from_args(args)  # every option error surfaces here, before torch is imported
         if args.dry_run:
             from .preflight import describe, preflight
 
             print(describe(preflight(recipe, log=lambda line: print(line, file=sys.stderr))))
             return
+        from .pipeline import compress
+
         result = compress(recipe, log=lambda line: print(line, file=sys.stderr))
         if result.before:
             print(result.table)

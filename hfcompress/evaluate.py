@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .sequential import find_linears, named_blocks, weight_matrix
+from .sequential import computing_in, find_linears, named_blocks, weight_matrix
 from .structure import Structure
 
 
@@ -162,19 +162,51 @@ def pad_token_id(generation_config: Any) -> int | None:
     return eos[0] if isinstance(eos, (list, tuple)) and eos else eos
 
 
+SPREAD = 0.05  # tokens/s is published only when the fastest timings agree this closely
+
+
+def settled(sample: Callable[[], float], least: int = 3, most: int | None = None) -> tuple[float, float, int]:
+    """(median of the `least` fastest, their relative spread, runs) of `sample()` (seconds), after one warm-up run:
+    repeated until the `least` fastest lie within `SPREAD` of each other, at most `most` (default 4 x `least`)
+    times. A busy machine slows some runs; the fastest ones agree once enough runs are taken, or never."""
+    sample()
+    times: list[float] = []
+    while True:
+        times.append(sample())
+        fastest = sorted(times)[:least]
+        spread = (fastest[-1] - fastest[0]) / fastest[0] if fastest[0] > 0 else math.inf
+        if len(times) >= least and (spread <= SPREAD or len(times) >= (most or 4 * least)):
+            return fastest[len(fastest) // 2], spread, len(times)
+
+
+def _unsettled(what: str, spread: float, runs: int, least: int) -> str:
+    gap = "some came out negative" if math.isinf(spread) else f"they differ by {spread:.0%}"
+    return (f"{what} left out: the {least} fastest of {runs} timings did not agree within {SPREAD:.0%} ({gap}), "
+            "too unsteady to publish (a busy machine, or runs too short to time)")
+
+
 def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any], prompt_tokens: int, device: torch.device,
-                new_tokens: int = 32, repeats: int = 3) -> dict[str, float]:
-    """Prefill tokens/s (`forward()` over a prompt of `prompt_tokens`), fastest of `repeats` after a warm-up, and
-    greedy decode tokens/s with a KV cache: the median over `repeats` rounds of t(generate(new_tokens)) -
-    t(generate(1)), timed back to back, so the prompt's own prefill is not counted as decoding. Decode is left out
-    when the difference drowns in noise. Any runtime: PyTorch here, ONNX Runtime for exports."""
-    prefill = min([_seconds(forward, device) for _ in range(repeats + 1)][1:])  # the first run warms up
-    rounds = [(_seconds(lambda: generate(1), device), _seconds(lambda: generate(new_tokens), device))
-              for _ in range(repeats + 1)]
-    decode = sorted(many - one for one, many in rounds[1:])[repeats // 2]  # median of back-to-back differences
-    speed = {"prefill_tokens_per_s": prompt_tokens / prefill}
-    if decode > 0.1 * min(many for _, many in rounds[1:]):  # else the machine was too busy to tell them apart
+                new_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
+    """Prefill tokens/s (`forward()` over a prompt of `prompt_tokens`) and greedy decode tokens/s with a KV cache,
+    from t(generate(new_tokens)) - t(generate(1)) timed back to back, so the prompt's own prefill is not counted as
+    decoding. Each is `settled` over at least `repeats` runs; one whose timings never agree is left out, and
+    `speed_note` says why (published numbers are never noise). Any runtime: PyTorch here, ONNX Runtime for
+    exports."""
+    speed: dict[str, Any] = {}
+    notes = []
+    prefill, spread, runs = settled(lambda: _seconds(forward, device), repeats)
+    if spread <= SPREAD:
+        speed["prefill_tokens_per_s"] = prompt_tokens / prefill
+    else:
+        notes.append(_unsettled("prefill tokens/s", spread, runs, repeats))
+    decode, spread, runs = settled(lambda: _seconds(lambda: generate(new_tokens), device)
+                                   - _seconds(lambda: generate(1), device), repeats)
+    if decode > 0 and spread <= SPREAD:
         speed["decode_tokens_per_s"] = (new_tokens - 1) / decode
+    else:
+        notes.append(_unsettled("decode tokens/s", spread, runs, repeats))
+    if notes:
+        speed["speed_note"] = "; ".join(notes)
     return speed
 
 
@@ -215,11 +247,13 @@ def greedy_samples(model: nn.Module, tokenizer: Any, device: torch.device,
 
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,
             structure: Structure | None = None, sparsity: bool = False, quantized: bool = False, speed: bool = True,
-            desc: str = "", storage_dtype: torch.dtype | None = None, tokenizer: Any = None) -> dict[str, Any]:
+            desc: str = "", storage_dtype: torch.dtype | None = None, tokenizer: Any = None,
+            compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Every number of the before/after table: size and bits as the writer for `structure` stores the model
     (floating tensors in `storage_dtype`), sparsity when `sparsity` (only where something is pruned), the nominal
     bits of the block Linear weights when `quantized` (only where something is quantized), perplexity
-    and tokens/s of the model in memory (which equals the model as it loads: the tests check it)."""
+    and tokens/s of the model in memory (which equals the model as it loads: the tests check it), computed in
+    `compute_dtype` when given (on cast copies of the weights, which are left as they were)."""
     parameters = parameter_count(model)
     metrics: dict[str, Any] = {"parameters": parameters,
                                **size_metrics(stored_bytes(model, structure, storage_dtype), parameters)}
@@ -228,7 +262,7 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
     if quantized:
         metrics["nominal_bits"] = round(nominal_bits(model, structure, storage_dtype), 4)
     if family == "causal-lm" and windows is not None:
-        with on_device(model, device) as streamed:
+        with on_device(model, device) as streamed, computing_in(model, compute_dtype):
             metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())
             if speed and not streamed:  # streaming every weight per decoded token would time the PCIe bus
                 metrics.update(tokens_per_second(model, windows[:1, :256], device))
@@ -263,4 +297,6 @@ def format_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     """Markdown table of the comparison, used by the CLI and the model card."""
     lines = ["| metric | before | after |", "|---|---:|---:|"]
     lines += [f"| {label} | {b} | {a} |" for label, b, a in comparison_rows(before, after)]
-    return "\n".join(lines)
+    notes = [f"{side}: {metrics['speed_note']}." for side, metrics in (("before", before), ("after", after))
+             if "speed_note" in metrics]
+    return "\n".join(lines + ([""] + notes if notes else []))

@@ -123,7 +123,8 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None 
     else:
         model = load_model(resolved, model_spec.dtype, device)
     metrics = measure(model, resolved.family, device, windows, structure=structure, speed=ev.speed,
-                      sparsity=True, quantized=bool(quantized), storage_dtype=resolved.dtype or model.dtype)
+                      sparsity=True, quantized=bool(quantized), storage_dtype=resolved.dtype or model.dtype,
+                      compute_dtype=compute_dtype(model_spec.compute_dtype, device) if ev.dtype == "compute" else None)
     if resolved.kind == "local":  # what is really on disk
         metrics.update(size_metrics(folder_weights_bytes(resolved.location), metrics["parameters"]))
     return metrics
@@ -170,16 +171,17 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     run.check_cancelled()
     run.report(0.02, "measuring the model before compression")
     before, before_cached = {}, False
+    eval_dtype = run.compute_dtype if ev.dtype == "compute" else None
     if ev.enabled:
         def measure_before() -> dict[str, Any]:
             return measure(model, resolved.family, device, windows, structure=source, sparsity=pruned,
                            quantized=quantizes, speed=ev.speed, desc="before", storage_dtype=storage_dtype,
-                           tokenizer=tokenizer)
+                           tokenizer=tokenizer, compute_dtype=eval_dtype)
 
         key = None if ev.remeasure else before_key(resolved, windows, {
             "family": resolved.family, "dtype": model.dtype, "storage": storage_dtype, "device": device,
             "structure": source.to_dict(), "sparsity": pruned, "quantized": quantizes, "speed": ev.speed,
-            "threads": torch.get_num_threads()})
+            "threads": torch.get_num_threads(), "eval_dtype": eval_dtype})
         before, before_cached = cached_measurement(key, measure_before) if key else (measure_before(), False)
         if before_cached:
             log("before: the numbers an earlier run measured on the same weights, windows and settings "
@@ -204,7 +206,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     pruned = pruned or "sparse" in structure.kinds
     after = (measure(model, resolved.family, device, windows, structure=structure, sparsity=pruned,
                      quantized=quantizes or "quantized" in structure.kinds, speed=ev.speed, desc="after",
-                     storage_dtype=storage_dtype, tokenizer=tokenizer) if ev.enabled else {})
+                     storage_dtype=storage_dtype, tokenizer=tokenizer, compute_dtype=eval_dtype) if ev.enabled else {})
 
     passes = run.compute_dtype or model.dtype
     dtypes = {"compute": str(model.dtype).removeprefix("torch."), "saved": str(storage_dtype).removeprefix("torch."),

@@ -89,7 +89,7 @@ def plan(resolved: ResolvedModel, recipe: Recipe, source: Structure | None = Non
             raise UnsupportedModelError(f"method `{spec.name}` does not support {architecture} ({resolved.family}); "
                                         f"it supports: {choices(spec.supports)}")
     planned = Structure.from_dict(source.to_dict()) if source else Structure()
-    if any(spec.check for spec in specs):
+    if any(spec.check_ref for spec in specs):
         skeleton = model_skeleton(resolved)
         if resolved.dtype is not None:  # the dtype the weights will be stored in, for checks that count bytes
             skeleton = skeleton.to(resolved.dtype)

@@ -1,17 +1,22 @@
 """Method registry: name -> (config class, transform, paper, calibration need, supported model families).
 
-Built-in methods register with `@register(ConfigClass, ...)` on their transform. Third-party packages add methods by
-declaring an entry point in the group `hfcompress.methods` whose target is a module (or callable) that calls
-`register`; those entry points are loaded the first time the registry is read.
+A method registers with `@register(ConfigClass, ...)` on its transform, or with `register(ConfigClass, ...,
+transform="package.module:function")`, which imports the transform's module (and torch) only when it first runs:
+the built-in methods register that way from `hfcompress.configs`, so the CLI's help, `hfcompress methods` and
+option errors come without importing torch. Third-party packages add methods by declaring an entry point in the
+group `hfcompress.methods` whose target is a module (or callable) that calls `register`; those entry points are
+loaded the first time the registry is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import inspect
 import logging
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Callable
 
 from .errors import UnknownMethodError, choices
@@ -26,8 +31,8 @@ MODEL_FAMILIES = ("causal-lm", "encoder", "seq2seq", "vision", "vision-language"
 RESERVED_OPTIONS = frozenset({
     "model", "method", "recipe", "no_eval", "revision", "dtype", "compute_dtype", "device", "trust_remote_code",
     "calib", "source", "n_samples", "seq_len", "seed", "text_field", "split", "subset", "eval_source",
-    "eval_seq_len", "eval_windows", "eval_text_field", "eval_split", "eval_subset", "out", "dir", "overwrite",
-    "push_to", "private", "to", "token", "help", "onnx", "allow_pickle", "export", "remeasure",
+    "eval_seq_len", "eval_windows", "eval_dtype", "eval_text_field", "eval_split", "eval_subset", "out", "dir",
+    "overwrite", "push_to", "private", "to", "token", "help", "onnx", "allow_pickle", "export", "remeasure",
 })
 
 
@@ -53,15 +58,28 @@ class Report:
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A registered method. `transform_ref` and `check_ref` are the functions, or `"module:function"` references
+    imported on first use (read them through `transform` and `check`)."""
+
     name: str
     config_class: type
-    transform: Callable[..., Report]
+    transform_ref: Callable[..., Report] | str
     paper: str
     needs_calibration: bool | Callable[[Any], bool]
     supports: tuple[str, ...]
     summary: str
-    check: Callable[[Any, Any], Any] | None = None
+    check_ref: Callable[[Any, Any], Any] | str | None = None
     changes: str | None = None
+
+    @property
+    def transform(self) -> Callable[..., Report]:
+        transform = _resolve(self.transform_ref)
+        _check_signature(self.name, transform)
+        return transform
+
+    @property
+    def check(self) -> Callable[[Any, Any], Any] | None:
+        return None if self.check_ref is None else _resolve(self.check_ref)
 
     def calibrates(self, config: Any) -> bool:
         """Whether this step, with these options, needs calibration batches."""
@@ -72,6 +90,23 @@ _METHODS: dict[str, MethodSpec] = {}
 _plugins_loaded = False
 
 
+@cache
+def _resolve(ref: Callable | str) -> Callable:
+    """The function a `"module:function"` reference names (imported now), or `ref` itself when it is one."""
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_signature(name: str, transform: Callable) -> None:
+    parameters = [p for p in inspect.signature(transform).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(parameters) != 3:
+        raise TypeError(f"the transform of {name} takes {[p.name for p in parameters]}; it must take "
+                        "(model, config, context), see hfcompress.context.Context")
+
+
 def register(
     config_class: type,
     *,
@@ -79,10 +114,13 @@ def register(
     needs_calibration: bool | Callable[[Any], bool],
     supports: tuple[str, ...] = ("causal-lm",),
     summary: str = "",
-    check: Callable[[Any, Any], Any] | None = None,
+    check: Callable[[Any, Any], Any] | str | None = None,
     changes: str | None = None,
-) -> Callable[[Callable[..., Report]], Callable[..., Report]]:
-    """Register `transform(model, config, context) -> Report` as the method named `config_class.method`.
+    transform: str | None = None,
+) -> Callable[[Callable[..., Report]], Callable[..., Report]] | None:
+    """Register `transform(model, config, context) -> Report` as the method named `config_class.method`: used as a
+    decorator on the transform, or called with `transform="module:function"` (and `summary`), which registers at
+    once and imports that module only when the method first runs.
 
     The transform edits `model` in place; `context` (`hfcompress.context.Context`) carries the calibration data,
     the compute device, the storage dtype, and runs the block-by-block engine with progress and cancel.
@@ -93,15 +131,17 @@ def register(
         needs_calibration: whether the transform needs calibration batches, or `needs_calibration(config)` when
             that depends on its options.
         supports: model families the transform handles, a subset of `MODEL_FAMILIES`.
-        summary: one line for `hfcompress methods` and the README.
-        check: `check(model, config)` raises an `HfCompressError` when the config does not fit the model (e.g.
-            targets that match no layer) and returns the names of the modules the step will change. It runs on a
-            weightless (meta-device) copy of the model as the earlier steps left it, before any weight is loaded,
-            so it must only read names and shapes. A step that edits the structure (removes blocks, replaces
-            modules) applies its edit to that copy and returns a `Report` with the planned `modules`, `renamed`
-            and `config` instead, so that the later steps are checked against the edited model.
+        summary: one line for `hfcompress methods` and the README (default: the transform's first docstring line).
+        check: `check(model, config)`, or its `"module:function"`, raises an `HfCompressError` when the config
+            does not fit the model (e.g. targets that match no layer) and returns the names of the modules the
+            step will change. It runs on a weightless (meta-device) copy of the model as the earlier steps left it,
+            before any weight is loaded, so it must only read names and shapes. A step that edits the structure
+            (removes blocks, replaces modules) applies its edit to that copy and returns a `Report` with the
+            planned `modules`, `renamed` and `config` instead, so that the later steps are checked against the
+            edited model.
         changes: the kind of change the step makes to those modules (`sparse`, `quantized`, `lowrank`,
             `dropped`), so that a step that cannot follow an earlier one is refused before loading.
+        transform: `"module:function"` of the transform, to register without importing it.
     """
     if not (dataclasses.is_dataclass(config_class) and config_class.__dataclass_params__.frozen):
         raise TypeError(f"{config_class!r} must be a frozen dataclass: decorate it with @dataclass(frozen=True)")
@@ -118,19 +158,25 @@ def register(
     if changes is not None and changes not in KINDS:
         raise TypeError(f"unknown kind of change {changes!r} for {name}; valid: {choices(KINDS)}")
 
-    def decorator(transform: Callable[..., Report]) -> Callable[..., Report]:
-        parameters = [p for p in inspect.signature(transform).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if len(parameters) != 3:
-            raise TypeError(f"the transform of {name} takes {[p.name for p in parameters]}; it must take "
-                            "(model, config, context), see hfcompress.context.Context")
+    def add(ref: Callable[..., Report] | str, line: str) -> None:
         existing = _METHODS.get(name)
-        if existing is not None and existing.transform is not transform:
-            raise TypeError(f"a method named {name!r} is already registered (by {existing.transform.__module__}); "
-                            "pick another name")
-        _METHODS[name] = MethodSpec(name, config_class, transform, paper, needs_calibration, tuple(supports),
-                                    summary or (transform.__doc__ or "").strip().splitlines()[0], check, changes)
-        return transform
+        if existing is not None and existing.transform_ref != ref:
+            where = existing.transform_ref if isinstance(existing.transform_ref, str) else \
+                existing.transform_ref.__module__
+            raise TypeError(f"a method named {name!r} is already registered (by {where}); pick another name")
+        _METHODS[name] = MethodSpec(name, config_class, ref, paper, needs_calibration, tuple(supports), line, check,
+                                    changes)
+
+    if transform is not None:
+        if not summary:
+            raise TypeError(f"registering {name} by reference needs its `summary`")
+        add(transform, summary)
+        return None
+
+    def decorator(function: Callable[..., Report]) -> Callable[..., Report]:
+        _check_signature(name, function)
+        add(function, summary or next(iter((function.__doc__ or "").strip().splitlines()), ""))
+        return function
 
     return decorator
 
@@ -139,7 +185,7 @@ def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
-    from . import methods  # noqa: F401  (built-in methods register on import; an error here surfaces every time)
+    from . import configs  # noqa: F401  (built-in methods register on import; an error here surfaces every time)
 
     _plugins_loaded = True
 

@@ -33,8 +33,10 @@ def test_card_metadata_table_usage_and_recipe(tiny, tmp_path):
     assert "_model_name_or_path" not in json.loads((out / "config.json").read_text())
     assert json.loads((out / "hfcompress.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     for row in ("| perplexity |", "| size (MB) |", "| parameters (M) |", "| sparsity (block Linear weights) |",
-                "| bits per weight |", "| prefill tokens/s |", "| decode tokens/s |"):
+                "| bits per weight |"):
         assert row in card.text
+    for speed in ("prefill tokens/s", "decode tokens/s"):  # a tiny model's milliseconds may be too unsteady to publish
+        assert f"| {speed} |" in card.text or f"{speed} left out" in card.text
     assert "AutoModelForCausalLM.from_pretrained" in card.text and "plain transformers" in card.text
     assert "](sparsity_map.png)" in card.text and (out / "sparsity_map.png").stat().st_size > 1000
 

@@ -1,5 +1,8 @@
 import argparse
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -140,3 +143,34 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys, monk
         assert expected in printed, expected
     assert not out.exists()
     assert main(["compress", tiny("llama"), "--method", "wanda", "--sparsity", "2", "--dry-run"]) == 2  # checked too
+
+
+STARTUP = """
+import json, sys
+from hfcompress.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:  # argparse's own errors and --help
+    code = exit.code
+print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules)}),
+      file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv,code", [
+    (["--help"], 0), (["compress", "--help"], 0), (["methods"], 0),
+    (["compress", "m", "--method", "nope"], 2),                       # unknown method: the valid ones
+    (["compress", "m", "--method", "wanda", "--sparsity", "1.5"], 2),  # a bad ratio
+    (["compress", "m", "--method", "wanda", "--bogus", "1"], 2),      # argparse: unknown flag
+])
+def test_help_listing_and_argument_errors_answer_without_torch_in_under_a_second(argv, code, tmp_path):
+    """A fresh process, interpreter start-up included: nothing heavy is imported, and the answer comes in under 1 s
+    (the fastest of three runs, so that a busy machine does not fail it)."""
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", STARTUP, *argv], capture_output=True, text=True,
+                                cwd=tmp_path, timeout=120)
+        runs.append({**json.loads(result.stderr.strip().splitlines()[-1]), "seconds": time.perf_counter() - start})
+    assert all(run["code"] == code and run["heavy"] == [] for run in runs), runs
+    assert min(run["seconds"] for run in runs) < 1.0, runs

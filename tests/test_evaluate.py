@@ -71,6 +71,27 @@ def test_decode_speed_is_left_out_rather_than_absurd_when_noise_swamps_it(tiny, 
     assert "decode_tokens_per_s" not in speed and speed["prefill_tokens_per_s"] > 0
 
 
+def test_tokens_per_second_is_published_only_when_the_fastest_timings_agree():
+    """Timings that keep drifting (each run 20 % faster than the one before: the fastest three never agree) leave
+    the number out and say why, in the metrics and under the table; steady ones are published."""
+    import time
+
+    from hfcompress.evaluate import SPREAD, format_table, timed_speed
+
+    cpu = torch.device("cpu")
+    drifting = iter(0.03 * 0.8 ** i for i in range(100))
+    steady_decode = lambda n: time.sleep(0.005 * n)  # noqa: E731
+    speed = timed_speed(lambda: time.sleep(next(drifting)), steady_decode, 64, cpu, new_tokens=8)
+    assert "prefill_tokens_per_s" not in speed and speed["decode_tokens_per_s"] > 0
+    assert f"did not agree within {SPREAD:.0%}" in speed["speed_note"] and "prefill" in speed["speed_note"]
+    table = format_table({"prefill_tokens_per_s": 100.0}, speed)
+    assert "| prefill tokens/s |" not in table and "after: prefill tokens/s left out" in table
+
+    steady = timed_speed(lambda: time.sleep(0.01), steady_decode, 64, cpu, new_tokens=8)
+    assert "speed_note" not in steady and abs(steady["prefill_tokens_per_s"] - 6400) < 6400 * 0.2
+    assert abs(steady["decode_tokens_per_s"] - 200) < 200 * 0.2  # 7 tokens in 35 ms
+
+
 def test_a_second_run_reads_the_before_numbers_and_a_changed_setting_measures_again(tiny, tmp_path, monkeypatch):
     import hfcompress
     from hfcompress import pipeline

@@ -48,8 +48,9 @@ def _template() -> str:
     return str(Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE)
 
 
-def _speed_rows(speed: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
-    return [(runtime, f"{values['prefill_tokens_per_s']:.0f}",
+def _speed_rows(speed: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(runtime, prefill, decode) cells; "-" where a number was left out (the card then gives the reason)."""
+    return [(runtime, f"{values['prefill_tokens_per_s']:.0f}" if "prefill_tokens_per_s" in values else "-",
              f"{values['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in values else "-")
             for runtime, values in speed.items()]
 
@@ -75,7 +76,9 @@ def render_onnx_card(metadata: dict[str, Any], repo_id: str | None = None) -> st
         title=f"{name}{'-' + '-'.join(methods) if methods else ''} (ONNX)",
         version=metadata.get("hfcompress_version", ""), base_model=base, source=metadata.get("source"),
         methods=methods, onnx=onnx, kernels=dict(kernels), fallbacks=fallbacks, inputs=onnx.get("inputs", []),
-        speed_rows=_speed_rows(onnx.get("speed", {})), machine=onnx.get("machine", evaluation.get("machine")),
+        speed_rows=_speed_rows(onnx.get("speed", {})),
+        speed_notes=[f"{runtime}: {values['speed_note']}." for runtime, values in onnx.get("speed", {}).items()
+                     if "speed_note" in values], machine=onnx.get("machine", evaluation.get("machine")),
         date=onnx.get("date", ""),
         table=format_table(metrics["before"], metrics["after"]) if metrics.get("before") else "",
         usage=(USAGE if onnx["family"] == "causal-lm" else ENCODER_USAGE).format(repo=repo))

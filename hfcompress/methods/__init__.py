@@ -1,3 +1,1 @@
-"""Built-in methods; importing this package registers them. One module per method."""
-
-from . import dsnot, ecoflap, gptq, layer_drop, layerwise_quant, lord, magnitude, rtn, sparsegpt, wanda  # noqa: F401
+"""The built-in transforms, one module per method; their options and registrations are in `hfcompress.configs`."""

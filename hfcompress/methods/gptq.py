@@ -18,47 +18,22 @@ the mask. Blocks are processed in order, each block's inputs coming from the alr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import nn
 
+from ..configs.gptq import GPTQConfig
 from ..context import Context
-from ..errors import InvalidOptionError
-from ..options import option
 from ..quantization import (
-    QuantizationConfig,
-    quantization_check,
     quantization_targets,
     resolve_group_size,
     store_quantized,
     symmetric_scales,
 )
-from ..registry import Report, register
+from ..registry import Report
 from ..sequential import BlockStep, named_blocks, weight_matrix
 from ..statistics import InputStatistics
 from ..structure import quantized
 from .sparsegpt import inverse_hessian_factor, without_dead_channels
-
-
-@dataclass(frozen=True)
-class GPTQConfig(QuantizationConfig):
-    method: ClassVar[str] = "gptq"
-    damp: float = option(0.01, "dampening added to the Hessian's diagonal, as a share of its mean diagonal")
-    block_size: int = option(128, "columns per block of the error-feedback loop")
-    act_order: bool = option(True, "quantize columns by decreasing Hessian diagonal, scales fixed from the original "
-                                   "weights (llm-compressor's default too; false: in column order)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if len(self.bits) != 1:
-            raise InvalidOptionError(f"gptq quantizes every layer to one bit-width, got bits {list(self.bits)}; "
-                                     "give one (e.g. --bits 4)")
-        if not self.damp > 0:
-            raise InvalidOptionError(f"damp must be > 0, got {self.damp}")
-        if self.block_size < 1:
-            raise InvalidOptionError(f"block_size must be >= 1, got {self.block_size}")
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
@@ -126,8 +101,6 @@ def gptq_blocks(model: nn.Module, layer_bits: dict[str, int], group_size: int, s
     return modules
 
 
-@register(GPTQConfig, paper="https://arxiv.org/abs/2210.17323", needs_calibration=True,
-          supports=("causal-lm", "encoder"), check=quantization_check, changes="quantized")
 def gptq(model: nn.Module, config: GPTQConfig, context: Context) -> Report:
     """GPTQ: quantize column by column, spreading each rounding error over the columns left (inverse Hessian)."""
     layers = quantization_targets(model, config)

@@ -23,44 +23,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..configs.layer_drop import LayerDropConfig
 from ..context import Context
 from ..errors import InvalidOptionError, UnsupportedModelError, choices
 from ..modules import SkippedAttention, SkippedMLP, remove_blocks, replace_module, skip_sublayer, text_config
-from ..options import check_choices, option
-from ..registry import Report, register
+from ..registry import Report
 from ..sequential import BlockStep, block_stacks, hidden_output, hidden_states_of, with_hidden_output
 from ..statistics import SubLayerProbes, input_output_cosine, mean_cosine
 from ..structure import dropped
 
-DROPS = ("attention", "mlp", "block", "joint")
 ATTENTION_NAMES, MLP_NAMES = ("self_attn", "attention", "attn"), ("mlp", "feed_forward")
-
-
-@dataclass(frozen=True)
-class LayerDropConfig:
-    method: ClassVar[str] = "layer_drop"
-    drop: str = option("attention", "what to drop: `attention` modules, `mlp` modules, whole `block`s, or `joint` "
-                                    "(attention and MLP modules ranked together)", choices=DROPS)
-    n: int = option(4, "how many modules (or blocks) to drop")
-    iterative: bool = option(False, "drop one module at a time and score again with the earlier drops applied "
-                                    "(one-shot when false, as in the paper)")
-    score: str = option("similarity", "ranking: `similarity` (the paper's input/output cosine) or `influence` "
-                                      "(ShortGPT's block influence, 1 - cosine; blocks only)",
-                        choices=("similarity", "influence"))
-    modules: tuple[str, ...] = option((), "modules to drop instead of scoring, e.g. `model.layers.3.self_attn`, "
-                                          "`model.layers.7`")
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        if self.n < 1 and not self.modules:
-            raise InvalidOptionError(f"n must be at least 1, got {self.n}")
-        if self.score == "influence" and self.drop != "block":
-            raise InvalidOptionError("score `influence` ranks whole blocks: use it with --drop block")
 
 
 @dataclass(frozen=True)
@@ -244,8 +220,6 @@ def layer_drop_check(model: nn.Module, config: LayerDropConfig) -> Report | list
     return list(found)
 
 
-@register(LayerDropConfig, paper="https://arxiv.org/abs/2406.15786", needs_calibration=True,
-          supports=("causal-lm", "encoder"), check=layer_drop_check, changes="dropped")
 def layer_drop(model: nn.Module, config: LayerDropConfig, context: Context) -> Report:
     """Layer dropping: remove the attention modules, MLP modules or blocks that change the residual stream least."""
     if config.modules:

@@ -27,70 +27,24 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ..configs.layerwise_quant import LayerwiseQuantConfig, parse_size
 from ..context import Context
 from ..errors import InvalidOptionError
 from ..evaluate import stored_bytes
 from ..formats.compressed_tensors import stored_layer_bytes
-from ..options import option, parse_quantity
-from ..quantization import QuantizationConfig, quantization_check, quantization_targets, resolve_group_size
-from ..registry import Report, register
+from ..quantization import quantization_check, quantization_targets, resolve_group_size
+from ..registry import Report
 from ..sequential import BlockStep, find_linears, named_blocks, weight_matrix
 from ..statistics import input_output_cosine
 from .gptq import gptq_blocks
 from .rtn import rtn_layers
 
-SCORES = ("lim", "zd", "random", "reverse")
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 HEADER_BYTES_PER_TENSOR = 160  # safetensors header entry (name, dtype, shape, offsets), a generous estimate
-
-
-def parse_size(text: str) -> int:
-    """Bytes of a size such as `100MB` (10^6), `95MiB` (2^20), `1.5GB` or `123456`."""
-    return parse_quantity(text, "target_size", UNITS, "`100MB`, `95MiB` or `1.5GB`")
-
-
-@dataclass(frozen=True)
-class LayerwiseQuantConfig(QuantizationConfig):
-    method: ClassVar[str] = "layerwise_quant"
-    bits: tuple[int, ...] = option((4, 2), "bit-width levels, high to low (two or more, e.g. `4,2` or `8,4,2`)")
-    avg_bits: float | None = option(None, "average bit-width over the blocks, between the lowest and highest level "
-                                          "(e.g. 3.5 with 4,2: three quarters of the blocks at 4 bits)")
-    target_size: str | None = option(None, "size of the weight files to land at or just under (e.g. `100MB`, "
-                                           "`95MiB`), instead of avg_bits: true bytes, scales and unquantized "
-                                           "embeddings included")
-    score: str = option("lim", "block importance: `lim` (input/output cosine on calibration data), `zd` (weight "
-                               "z-scores, no data), `random`, `reverse` (LIM reversed)", choices=SCORES)
-    zd_direction: str = option("low", "with score zd: whether a `low` or a `high` share of large weights marks an "
-                                      "important block", choices=("low", "high"))
-    shuffle_seed: int = option(0, "seed of the `random` order")
-    layer_bits: tuple[int, ...] = option((), "explicit bit-width of every block, in order (instead of score and "
-                                             "avg_bits)")
-    quantizer: str = option("rtn", "quantizer under the allocation", choices=("rtn", "gptq"))
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.layer_bits:
-            bad = [b for b in self.layer_bits if not 2 <= b <= 8]
-            if bad:
-                raise InvalidOptionError(f"layer_bits must be between 2 and 8, got {bad}")
-            return
-        if len(self.bits) < 2:
-            raise InvalidOptionError(f"layerwise_quant needs two or more bit levels (e.g. --bits 4,2), got "
-                                     f"{list(self.bits)}; for one bit-width use rtn or gptq")
-        if (self.avg_bits is None) == (self.target_size is None):
-            raise InvalidOptionError("give one of --avg-bits (the average bit-width over the blocks) or "
-                                     "--target-size (the size of the weight files), or --layer-bits")
-        if self.target_size is not None:
-            parse_size(self.target_size)
-        elif not min(self.bits) <= self.avg_bits <= max(self.bits):
-            raise InvalidOptionError(f"avg_bits {self.avg_bits} is outside the levels' range "
-                                     f"[{min(self.bits)}, {max(self.bits)}]")
 
 
 def mean_bits(bits: list[int]) -> float:
@@ -210,8 +164,6 @@ def layerwise_check(model: nn.Module, config: LayerwiseQuantConfig) -> list[str]
     return layers
 
 
-@register(LayerwiseQuantConfig, paper="https://arxiv.org/abs/2406.17415", needs_calibration=True,
-          supports=("causal-lm", "encoder"), check=layerwise_check, changes="quantized")
 def layerwise_quant(model: nn.Module, config: LayerwiseQuantConfig, context: Context) -> Report:
     """Layer-wise quantization: rank the blocks by importance and give the least important ones fewer bits."""
     layers = quantization_targets(model, config)

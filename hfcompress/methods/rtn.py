@@ -9,36 +9,20 @@ pack-quantized format (b-bit integers packed into int32, one scale per group), w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configs.rtn import RTNConfig
 from ..context import Context
-from ..errors import InvalidOptionError
 from ..quantization import (
-    QuantizationConfig,
-    quantization_check,
     quantization_targets,
     quantize_layer,
     resolve_group_size,
 )
-from ..registry import Report, register
+from ..registry import Report
 from ..sequential import weight_matrix
 from ..structure import quantized
-
-
-@dataclass(frozen=True)
-class RTNConfig(QuantizationConfig):
-    method: ClassVar[str] = "rtn"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if len(self.bits) != 1:
-            raise InvalidOptionError(f"rtn quantizes every layer to one bit-width, got bits {list(self.bits)}; "
-                                     "give one (e.g. --bits 4)")
 
 
 def rtn_layers(layers: dict[str, nn.Module], layer_bits: dict[str, int], group_size: int, storage: torch.dtype,
@@ -54,9 +38,6 @@ def rtn_layers(layers: dict[str, nn.Module], layer_bits: dict[str, int], group_s
     return modules
 
 
-@register(RTNConfig, paper="https://arxiv.org/abs/2210.17323", needs_calibration=False,
-          supports=("causal-lm", "encoder", "vision", "vision-language"), check=quantization_check,
-          changes="quantized")
 def rtn(model: nn.Module, config: RTNConfig, context: Context) -> Report:
     """RTN: round every weight to the nearest level of a b-bit symmetric grid, one scale per group of columns."""
     layers = quantization_targets(model, config)

@@ -17,39 +17,14 @@ block's statistics coming from the already-pruned blocks before it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import nn
 
+from ..configs.sparsegpt import SparseGPTConfig
 from ..context import Context
-from ..errors import InvalidOptionError
-from ..options import option
-from ..registry import Report, register
-from ..sparsity import PruningConfig, prune_blocks, pruning_check
+from ..registry import Report
+from ..sparsity import prune_blocks
 from ..statistics import InputStatistics
-
-
-@dataclass(frozen=True)
-class SparseGPTConfig(PruningConfig):
-    method: ClassVar[str] = "sparsegpt"
-    damp: float = option(0.01, "dampening added to the Hessian's diagonal, as a share of its mean diagonal")
-    block_size: int = option(128, "columns per block: the mask of a block is chosen before its columns are pruned")
-    per_row: bool = option(True, "true: every row loses exactly its share (in each block); false: the authors' one "
-                                 "threshold per block across all rows")
-    sequential: bool = option(True, "statistics of block l come from the pruned blocks before it (true, as in the "
-                                    "paper's code) or from the dense model (false)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.damp > 0:
-            raise InvalidOptionError(f"damp must be > 0, got {self.damp}")
-        if self.block_size < 1:
-            raise InvalidOptionError(f"block_size must be >= 1, got {self.block_size}")
-        if self.nm and self.block_size % self.nm[1]:
-            raise InvalidOptionError(f"block_size {self.block_size} must be a multiple of M={self.nm[1]} for "
-                                     f"pattern {self.pattern}")
 
 
 def without_dead_channels(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,8 +95,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return keep, weight * keep
 
 
-@register(SparseGPTConfig, paper="https://arxiv.org/abs/2301.00774", needs_calibration=True,
-          supports=("causal-lm", "encoder"), check=pruning_check, changes="sparse")
 def sparsegpt(model: nn.Module, config: SparseGPTConfig, context: Context) -> Report:
     """SparseGPT: prune with the inverse Hessian of the inputs, updating the kept weights to compensate."""
     def mask(weight: torch.Tensor, stats: InputStatistics, name: str, ratio: float,

@@ -8,24 +8,14 @@ from the outputs of the already-pruned blocks before it (`sequential: false` use
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import nn
 
+from ..configs.wanda import WandaConfig
 from ..context import Context
-from ..options import option
-from ..registry import Report, register
-from ..sparsity import PruningConfig, keep_mask, prune_blocks, pruning_check
+from ..registry import Report
+from ..sparsity import keep_mask, prune_blocks
 from ..statistics import InputStatistics
-
-
-@dataclass(frozen=True)
-class WandaConfig(PruningConfig):
-    method: ClassVar[str] = "wanda"
-    sequential: bool = option(True, "statistics of block l come from the pruned blocks before it (true, as in the "
-                                    "paper's code) or from the dense model (false)")
 
 
 def wanda_score(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tensor:
@@ -39,8 +29,6 @@ def wanda_mask(weight: torch.Tensor, stats: InputStatistics, name: str, ratio: f
     return keep_mask(wanda_score(weight, stats.sq_sum(name)), ratio, nm)
 
 
-@register(WandaConfig, paper="https://arxiv.org/abs/2306.11695", needs_calibration=True,
-          supports=("causal-lm", "encoder"), check=pruning_check, changes="sparse")
 def wanda(model: nn.Module, config: WandaConfig, context: Context) -> Report:
     """Wanda: prune by weight magnitude times input activation norm, per output row; no weight update."""
     return prune_blocks(model, config, context, wanda_mask, sequential=config.sequential)
