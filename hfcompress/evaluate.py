@@ -179,17 +179,17 @@ def settled(sample: Callable[[], float], least: int = 3, most: int | None = None
             return fastest[len(fastest) // 2], spread, len(times)
 
 
-def _unsettled(what: str, spread: float, runs: int, least: int) -> str:
-    gap = "some came out negative" if math.isinf(spread) else f"they differ by {spread:.0%}"
-    return (f"{what} left out: the {least} fastest of {runs} timings did not agree within {SPREAD:.0%} ({gap}), "
-            "too unsteady to publish (a busy machine, or runs too short to time)")
+def _unsettled(what: str, spread: float, runs: int) -> str:
+    gap = "no difference left to time" if math.isinf(spread) else f"they differ by {spread:.0%}"
+    return (f"{what} left out: the fastest of {runs} timings did not agree within {SPREAD:.0%} ({gap}), too "
+            "unsteady to publish (a busy machine, or runs too short to time)")
 
 
 def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any], prompt_tokens: int, device: torch.device,
                 new_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
     """Prefill tokens/s (`forward()` over a prompt of `prompt_tokens`) and greedy decode tokens/s with a KV cache,
-    from t(generate(new_tokens)) - t(generate(1)) timed back to back, so the prompt's own prefill is not counted as
-    decoding. Each is `settled` over at least `repeats` runs; one whose timings never agree is left out, and
+    from t(generate(new_tokens)) - t(generate(1)), so the prompt's own prefill is not counted as decoding. Each
+    time is `settled` over at least `repeats` runs; a number whose timings never agree is left out, and
     `speed_note` says why (published numbers are never noise). Any runtime: PyTorch here, ONNX Runtime for
     exports."""
     speed: dict[str, Any] = {}
@@ -198,13 +198,15 @@ def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any], prom
     if spread <= SPREAD:
         speed["prefill_tokens_per_s"] = prompt_tokens / prefill
     else:
-        notes.append(_unsettled("prefill tokens/s", spread, runs, repeats))
-    decode, spread, runs = settled(lambda: _seconds(lambda: generate(new_tokens), device)
-                                   - _seconds(lambda: generate(1), device), repeats)
-    if decode > 0 and spread <= SPREAD:
-        speed["decode_tokens_per_s"] = (new_tokens - 1) / decode
+        notes.append(_unsettled("prefill tokens/s", spread, runs))
+    many, spread_many, runs_many = settled(lambda: _seconds(lambda: generate(new_tokens), device), repeats)
+    one, spread_one, runs_one = settled(lambda: _seconds(lambda: generate(1), device), repeats)
+    # the spread of the difference: both times' uncertainties, in seconds, over what is left of them
+    spread = (spread_many * many + spread_one * one) / (many - one) if many > one else math.inf
+    if spread <= SPREAD:
+        speed["decode_tokens_per_s"] = (new_tokens - 1) / (many - one)
     else:
-        notes.append(_unsettled("decode tokens/s", spread, runs, repeats))
+        notes.append(_unsettled("decode tokens/s", spread, runs_many + runs_one))
     if notes:
         speed["speed_note"] = "; ".join(notes)
     return speed
