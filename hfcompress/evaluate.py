@@ -165,17 +165,17 @@ def pad_token_id(generation_config: Any) -> int | None:
 SPREAD = 0.05  # tokens/s is published only when the fastest timings agree this closely
 
 
-def settled(sample: Callable[[], float], least: int = 3, most: int | None = None) -> tuple[float, float, int]:
+def settled(sample: Callable[[], float], least: int = 3) -> tuple[float, float, int]:
     """(median of the `least` fastest, their relative spread, runs) of `sample()` (seconds), after one warm-up run:
-    repeated until the `least` fastest lie within `SPREAD` of each other, at most `most` (default 4 x `least`)
-    times. A busy machine slows some runs; the fastest ones agree once enough runs are taken, or never."""
+    repeated until the `least` fastest lie within `SPREAD` of each other, at most 4 x `least` times. A busy
+    machine slows some runs; the fastest ones agree once enough runs are taken, or never."""
     sample()
     times: list[float] = []
     while True:
         times.append(sample())
         fastest = sorted(times)[:least]
         spread = (fastest[-1] - fastest[0]) / fastest[0] if fastest[0] > 0 else math.inf
-        if len(times) >= least and (spread <= SPREAD or len(times) >= (most or 4 * least)):
+        if len(times) >= least and (spread <= SPREAD or len(times) >= 4 * least):
             return fastest[len(fastest) // 2], spread, len(times)
 
 
@@ -185,13 +185,13 @@ def _unsettled(what: str, spread: float, runs: int) -> str:
             "unsteady to publish (a busy machine, or runs too short to time)")
 
 
-def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any], prompt_tokens: int, device: torch.device,
-                new_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
+def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any] | None, prompt_tokens: int,
+                device: torch.device, new_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
     """Prefill tokens/s (`forward()` over a prompt of `prompt_tokens`) and greedy decode tokens/s with a KV cache,
     from t(generate(new_tokens)) - t(generate(1)), so the prompt's own prefill is not counted as decoding. Each
     time is `settled` over at least `repeats` runs; a number whose timings never agree is left out, and
-    `speed_note` says why (published numbers are never noise). Any runtime: PyTorch here, ONNX Runtime for
-    exports."""
+    `speed_note` says why (published numbers are never noise). `generate=None`: prefill only (encoders). Any
+    runtime: PyTorch here, ONNX Runtime for exports."""
     speed: dict[str, Any] = {}
     notes = []
     prefill, spread, runs = settled(lambda: _seconds(forward, device), repeats)
@@ -199,6 +199,8 @@ def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any], prom
         speed["prefill_tokens_per_s"] = prompt_tokens / prefill
     else:
         notes.append(_unsettled("prefill tokens/s", spread, runs))
+    if generate is None:
+        return {**speed, **({"speed_note": notes[0]} if notes else {})}
     many, spread_many, runs_many = settled(lambda: _seconds(lambda: generate(new_tokens), device), repeats)
     one, spread_one, runs_one = settled(lambda: _seconds(lambda: generate(1), device), repeats)
     # the spread of the difference: both times' uncertainties, in seconds, over what is left of them

@@ -116,11 +116,9 @@ def measure_speed(model: torch.nn.Module, runner: Any, family: str, prompt_token
     prompt = prompts(model.config.get_text_config().vocab_size)[0].repeat(1, prompt_tokens)[:, :prompt_tokens]
     cpu = torch.device("cpu")
 
-    def speed(forward: Callable, step: Callable, empty: Callable) -> dict[str, float]:
-        if family != "causal-lm":  # no decoding: the prefill number (or why it is left out) alone
-            measured = timed_speed(lambda: forward(prompt), lambda n: None, prompt_tokens, cpu, 2)
-            return {k: v for k, v in measured.items() if k == "prefill_tokens_per_s" or k == "speed_note"
-                    and "prefill" in v}
+    def speed(forward: Callable, step: Callable, empty: Callable) -> dict[str, Any]:
+        if family != "causal-lm":  # no decoding: prefill alone
+            return timed_speed(lambda: forward(prompt), None, prompt_tokens, cpu, repeats=2)
         return timed_speed(lambda: forward(prompt), lambda n: greedy(step, prompt[:, :32], n, empty()),
                            prompt_tokens, cpu, new_tokens)
 
