@@ -4,7 +4,8 @@
 
 For each pattern (and 2:4 once more with `sequential: false`), `wanda` runs on a fresh fp32 copy of the model with
 the blocks' passes in float32 and in bfloat16 (`Context.compute_dtype`; statistics stay fp32); the masks are
-compared weight by weight and the perplexity of both results is measured in fp32 on the same windows.
+compared weight by weight and the perplexity of both results is measured in fp32 on the same windows. The table
+marks the one a run with `--compute-dtype auto` would use on this machine (float32 for N:M patterns).
 llm-compressor's Wanda 50 % runs on the same model folder and calibration windows in its own venv; time is the wall
 time of the pruning call alone, one run each, one after the other (the README's main job with each compute dtype:
 `main_job_smollm2.py`). Writes bench/results/compute_dtype_smollm2.{json,md}.
@@ -56,6 +57,9 @@ def main() -> None:
             print(rows[-1], flush=True)
         agree = sum((found[torch.float32][n] == found[torch.bfloat16][n]).sum().item() for n in found[torch.float32])
         rows[-1]["mask_agreement_with_fp32"] = agree / sum(m.numel() for m in found[torch.float32].values())
+        auto = compute_dtype("auto", device, [hfcompress.make_config("wanda", options)])  # what a run would use
+        for row in rows[-2:]:
+            row["auto"] = row["compute"] == str(auto).removeprefix("torch.")
     out_file = WORK / "llmc-wanda-0.5.safetensors"
     run = subprocess.run([python, str(HERE / "llmcompressor_prune.py"), "wanda", folder, str(calib_file), "0.5",
                           str(out_file)], capture_output=True, text=True)
@@ -81,12 +85,13 @@ def write_markdown(meta: dict, rows: list[dict]) -> None:
     lines = [f"SmolLM2-135M, {meta['machine']}, {meta['date']}. Calibration {meta['calibration']['n_samples']} x "
              f"{meta['calibration']['seq_len']} tokens; perplexity (fp32) on {meta['evaluation']['windows']} x "
              f"{meta['evaluation']['seq_len']} tokens. Seconds: the pruning call alone.", "",
-             "| tool | pattern | passes in | seconds | perplexity | masks equal to fp32's |",
-             "|---|---|---|---:|---:|---:|"]
+             "| tool | pattern | passes in | `auto` picks it | seconds | perplexity | masks equal to fp32's |",
+             "|---|---|---|---|---:|---:|---:|"]
     for r in rows:
         agree = f"{r['mask_agreement_with_fp32']:.2%}" if "mask_agreement_with_fp32" in r else ""
-        lines.append(f"| {r['tool']} | {r['pattern']} | {r['compute']} | {r['seconds']:.1f} | {r['perplexity']:.2f} | "
-                     f"{agree} |")
+        auto = {True: "yes", False: "", None: ""}[r.get("auto")]
+        lines.append(f"| {r['tool']} | {r['pattern']} | {r['compute']} | {auto} | {r['seconds']:.1f} | "
+                     f"{r['perplexity']:.2f} | {agree} |")
     llmc = rows[-1]["seconds"]
     bf16 = next(r for r in rows if r["pattern"] == "unstructured" and r["compute"] == "bfloat16")["seconds"]
     lines += ["", f"Wanda 50 %, hfcompress with bf16 passes / llm-compressor: {bf16 / llmc:.2f}x the wall time."]

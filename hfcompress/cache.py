@@ -9,6 +9,7 @@ machine and the hfcompress version. Entries live in `$HFCOMPRESS_CACHE` (default
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,9 +37,18 @@ def weights_digest(location: str, gguf_file: str | None = None) -> str:
         if path.is_symlink() and target.parent.name == "blobs" and len(target.name) == 64:
             digest.update(target.name.encode())  # the Hub's own SHA-256 of the file
             continue
-        with open(target, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(chunk)
+        stat = target.stat()
+        digest.update(file_sha256(str(target), stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes, read once per process for a given size and modification time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -64,10 +74,18 @@ def cached_measurement(key: str, measure: Callable[[], dict[str, Any]]) -> tuple
         pass
     metrics = measure()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(metrics), encoding="utf-8")
-        os.replace(temporary, path)  # readers never see half an entry
+        write_entry(path, json.dumps(metrics))
     except OSError:
         pass  # a read-only home: measure every time
     return metrics, False
+
+
+def write_entry(path: Path, text: str) -> None:
+    """Write a cache file whole or not at all: readers never see half an entry (OSError is the caller's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

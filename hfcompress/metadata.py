@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .gguf_cache import gguf_license
 from .loading import ResolvedModel
 from .recipe import Recipe
 from .structure import Structure
@@ -30,10 +31,7 @@ def source_license(resolved: ResolvedModel) -> str | None:
     from huggingface_hub import ModelCard
 
     if resolved.kind == "gguf":
-        import gguf
-
-        field_ = gguf.GGUFReader(f"{resolved.location}/{resolved.gguf_file}").fields.get("general.license")
-        return field_.contents() if field_ is not None else None
+        return gguf_license(resolved.location, resolved.gguf_file, resolved.converted)
     try:
         path = f"{resolved.location}/README.md" if resolved.kind == "local" else resolved.location
         return ModelCard.load(path, **({"token": resolved.token} if resolved.token else {})).data.license

@@ -148,7 +148,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     recipe, device, resolved, source, planned = (checked.recipe, checked.device, checked.resolved, checked.source,
                                                  checked.planned)
     run = Context(device=device, progress=progress, cancel=cancel,
-                  compute_dtype=compute_dtype(recipe.model.compute_dtype, device))
+                  compute_dtype=compute_dtype(recipe.model.compute_dtype, device, recipe.steps))
     tokenizer = load_tokenizer(resolved)
 
     calibration: CalibrationData | None = None
@@ -161,7 +161,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
         log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
     windows = evaluation_windows(tokenizer, ev, resolved.family)
 
-    log(f"loading {recipe.model.id} on cpu (compute device: {device})")
+    log(f"loading {recipe.model.id} on cpu (compute device: {device}, calibration passes in "
+        f"{str(run.compute_dtype).removeprefix('torch.')})")
     run.report(0.0, "loading")
     model = load_model(resolved, recipe.model.dtype, device)
     # Saved in the checkpoint's own dtype (a bf16 model computed in fp32 on a CPU is stored in bf16 again).

@@ -34,8 +34,8 @@ class ModelSpec:
     device: str = option("auto", "compute device: auto (cuda when present), cpu, cuda, cuda:N")
     compute_dtype: str = option("auto", "dtype of the calibration passes through the blocks (statistics stay "
                                         "float32): auto (bfloat16 where the device runs it natively - CUDA with "
-                                        "bf16, CPUs with AVX512-BF16 or AMX - else float32), float32, bfloat16, "
-                                        "float16")
+                                        "bf16, CPUs with AVX512-BF16 or AMX - else float32; float32 for N:M "
+                                        "pruning), float32, bfloat16, float16")
     trust_remote_code: bool = option(False, "allow the source repo's own modeling code to run")
     allow_pickle: bool = option(False, "read a pickle (.bin) checkpoint when the source has no safetensors "
                                        "(unpickling can run code: only for checkpoints you trust)")

@@ -28,18 +28,21 @@ def test_statistics_of_bf16_passes_are_fp32_sums_of_the_bf16_activations(tiny):
         layers = find_linears(step.block, prefix=step.name)
         hooks = [layer.register_forward_hook(lambda m, a, o, n=name: seen.setdefault(n, []).append(a[0]))
                  for name, layer in layers.items()]
-        with InputStatistics(layers, ("sq_sum",)) as stats:
+        with InputStatistics(layers, ("sq_sum", "hessian")) as stats:
             step.run()
         for hook in hooks:
             hook.remove()
-        sums.update({name: stats.sq_sum(name) for name in layers})
+        sums.update({name: (stats.sq_sum(name), stats.hessian(name)) for name in layers})
 
     run_blocks(model, _batches(), "cpu", process, compute_dtype=torch.bfloat16)
     for name, inputs in seen.items():
         assert all(x.dtype == torch.bfloat16 for x in inputs), name
         reference = sum(x.float().reshape(-1, x.shape[-1]).pow(2).sum(0) for x in inputs)
-        assert sums[name].dtype == torch.float32
-        assert torch.allclose(sums[name], reference, rtol=1e-6, atol=0), name
+        sq_sum, hessian = sums[name]
+        assert sq_sum.dtype == hessian.dtype == torch.float32
+        assert torch.allclose(sq_sum, reference, rtol=1e-6, atol=0), name
+        exact = sum(x.double().reshape(-1, x.shape[-1]).T @ x.double().reshape(-1, x.shape[-1]) for x in inputs)
+        assert (hessian - exact).abs().max() <= 1e-6 * exact.abs().max(), name  # fp32 sums of the bf16 values
         lossy = sum(x.reshape(-1, x.shape[-1]).pow(2).sum(0) for x in inputs)        # summed in bf16
         assert not torch.equal(lossy.float(), reference), name                    # the test can tell them apart
 
