@@ -12,7 +12,9 @@ Everything accumulates in fp32 whatever dtype the model computes in.
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import functools
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -69,6 +71,7 @@ class InputStatistics:
             return
         self.window_count[name] = self.window_count.get(name, 0) + (x.shape[0] if x.dim() == 3 else 1)
         acc = self.values.setdefault(name, {})
+        bf16_values = x.dtype == torch.bfloat16      # the block computed in bf16: every value is a bf16 number
         if "window_variance" in self.want:           # x: (windows, tokens, in) or (tokens, in)
             per_window = x.float().reshape(-1, x.shape[-2], x.shape[-1]).var(dim=1, unbiased=False)
             acc["window_variance"] = acc.get("window_variance", 0) + per_window.sum(dim=0)
@@ -79,7 +82,7 @@ class InputStatistics:
         if "sq_sum" in self.want:
             acc["sq_sum"] = acc.get("sq_sum", 0) + x.pow(2).sum(dim=0)
         if "hessian" in self.want:
-            acc["hessian_upper"] = add_gram_upper(acc.get("hessian_upper"), x)
+            acc["hessian_upper"] = add_gram_upper(acc.get("hessian_upper"), x, bf16_values=bf16_values)
 
     def _get(self, name: str, what: str) -> torch.Tensor:
         if what not in self.want:
@@ -120,14 +123,41 @@ class InputStatistics:
         return (self.sq_sum(name) / self.tokens(name) - mean.pow(2)).clamp_min(0)
 
 
-def add_gram_upper(gram: torch.Tensor | None, x: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """gram (in, in) += x^T x for x (tokens, in), computing only the blocks on and above the diagonal (about 40 %
-    fewer flops for wide layers); the lower triangle is left stale, so read it through `torch.triu`."""
+def add_gram_upper(gram: torch.Tensor | None, x: torch.Tensor, block: int = 128, *,
+                   bf16_values: bool = False) -> torch.Tensor:
+    """gram (in, in) += x^T x for x (tokens, in) fp32, computing only the blocks on and above the diagonal (about 40 %
+    fewer flops for wide layers); the lower triangle is left stale, so read it through `torch.triu`.
+
+    `bf16_values`: every value of x is a bfloat16 number (the block computed in bf16). On a CPU with native bf16 the
+    products then run as bf16 with fp32 accumulation (oneDNN's bf16 math mode, on AMX where present), 2.5x faster:
+    the product of two bf16 numbers is exact in fp32, so the result is the same fp32 sum up to summation order."""
     if gram is None:
         gram = x.new_zeros(x.shape[1], x.shape[1])
-    for start in range(0, x.shape[1], block):
-        gram[start:start + block, start:].addmm_(x[:, start:start + block].t(), x[:, start:])
+    with bf16_products(bf16_values and x.device.type == "cpu" and cpu_has_bf16()):
+        for start in range(0, x.shape[1], block):
+            gram[start:start + block, start:].addmm_(x[:, start:start + block].t(), x[:, start:])
     return gram
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    from .loading import native_bf16
+
+    return native_bf16(torch.device("cpu")) and hasattr(torch.backends.mkldnn, "matmul")
+
+
+@contextlib.contextmanager
+def bf16_products(enabled: bool) -> Iterator[None]:
+    """CPU float32 matmuls inside take bf16 inputs with fp32 accumulation (exact only for bf16-valued inputs)."""
+    if not enabled:
+        yield
+        return
+    settings = torch.backends.mkldnn.matmul
+    before, settings.fp32_precision = settings.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        settings.fp32_precision = before
 
 
 class CosineMeter:

@@ -71,6 +71,10 @@ def test_compute_dtype_option_and_auto_detection(tiny, monkeypatch):
     flags = "flags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
     monkeypatch.setattr("builtins.open", _fake_cpuinfo(flags))
     assert native_bf16(torch.device("cpu")) and compute_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    two_four, half = hfcompress.make_config("wanda", {"pattern": "2:4"}), hfcompress.make_config("wanda", {})
+    assert compute_dtype("auto", torch.device("cpu"), [half, hfcompress.make_config("rtn", {})]) == torch.bfloat16
+    assert compute_dtype("auto", torch.device("cpu"), [half, two_four]) == torch.float32  # N:M choices: near-ties
+    assert compute_dtype("bfloat16", torch.device("cpu"), [two_four]) == torch.bfloat16  # asked for: honoured
     monkeypatch.setattr("builtins.open", _fake_cpuinfo("flags\t\t: fpu sse avx2 avx512f\n"))
     assert not native_bf16(torch.device("cpu")) and compute_dtype("auto", torch.device("cpu")) == torch.float32
     monkeypatch.undo()
@@ -97,3 +101,16 @@ def test_the_card_and_metadata_record_the_compute_dtype(tiny, tmp_path):
                                   "output": {"dir": str(tmp_path / "out")}}, log=lambda line: None)
     assert result.metadata["dtype"] == {"compute": "float32", "saved": "float32", "passes": "bfloat16"}
     assert "calibration passes ran in bfloat16" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_hessian_products_in_bf16_only_for_bf16_values():
+    """With `bf16_values` a CPU with native bf16 multiplies in bf16 (exact for bf16 numbers); without it the
+    products stay fp32, which matters: bf16 products of fp32 data would be off by 1e-3 of the scale."""
+    from hfcompress.statistics import add_gram_upper
+
+    x = torch.randn(512, 300, generator=torch.Generator().manual_seed(0))
+    for data, flag in ((x.bfloat16().float(), True), (x, False)):
+        exact = data.double().T @ data.double()
+        gram = torch.triu(add_gram_upper(None, data, bf16_values=flag)).double()
+        assert (gram - torch.triu(exact)).abs().max() <= 1e-6 * exact.abs().max(), flag
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # the setting is put back

