@@ -161,8 +161,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
         log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
     windows = evaluation_windows(tokenizer, ev, resolved.family)
 
-    log(f"loading {recipe.model.id} on cpu (compute device: {device}, calibration passes in "
-        f"{str(run.compute_dtype).removeprefix('torch.')})")
+    passes_note = f", calibration passes in {str(run.compute_dtype).removeprefix('torch.')}" if calibration else ""
+    log(f"loading {recipe.model.id} on cpu (compute device: {device}{passes_note})")
     run.report(0.0, "loading")
     model = load_model(resolved, recipe.model.dtype, device)
     # Saved in the checkpoint's own dtype (a bf16 model computed in fp32 on a CPU is stored in bf16 again).
