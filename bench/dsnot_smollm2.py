@@ -1,6 +1,7 @@
 """Benchmark: DSnoT on SmolLM2-135M, on three initial masks, in both variants, beside the authors' released code.
 
     python bench/dsnot_smollm2.py [--settings 0.6,0.7,2:4] [--authors bench/.work/DSnoT]
+    python bench/dsnot_smollm2.py --settings ""      # the comparison with the authors' code alone
 
 For every setting (unstructured 60 % and 70 %, 2:4): magnitude, wanda and sparsegpt alone, then dsnot on each of
 them in hfcompress's default variant and with `faithful: true`. At 60 %, the authors' DSnoT code
@@ -62,12 +63,14 @@ def main() -> None:
 
     rows.append({"tool": "dense", "setting": "-", "method": "-", "options": {}, "seconds": 0.0,
                  "perplexity": perplexity(hf_load_model(resolved, "float32", device), windows, device)})
-    for setting in args.settings.split(","):
+    for setting in filter(None, args.settings.split(",")):
         for init in ("magnitude", "wanda", "sparsegpt"):
             run(setting, init, init, {})
             run(setting, f"{init} + dsnot", "dsnot", {"init": init})
             run(setting, f"{init} + dsnot faithful", "dsnot", {"init": init, "faithful": True})
     if Path(args.authors, "lib", "prune.py").exists():
+        if not args.settings:  # the initial mask the comparison starts from
+            run("0.6", "wanda", "wanda", {})
         for skip, refine, label in (("mlp", ATTENTION, "attention layers"), ("no_skip", [], "every layer")):
             ours = run("0.6", f"wanda + dsnot faithful, {label}", "dsnot", {"faithful": True, "refine": refine})
             out_file = WORK / f"authors-dsnot-{skip}.safetensors"
@@ -93,11 +96,12 @@ def main() -> None:
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)},
             "torch": torch.__version__, "authors_code": "github.com/zyxxmu/DSnoT " + (commit.stdout.strip() or
                                                                                     "4c029dfa (archive)")}
-    (RESULTS / "dsnot_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    write_markdown(meta, rows, args)
+    name = "dsnot_smollm2" if args.settings else "dsnot_smollm2_authors"  # `--settings ""`: the authors' rows only
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_markdown(meta, rows, args, name)
 
 
-def write_markdown(meta: dict, rows: list[dict], args) -> None:
+def write_markdown(meta: dict, rows: list[dict], args, name: str) -> None:
     dense = rows[0]["perplexity"]
     lines = [f"SmolLM2-135M, {meta['machine']}, {meta['date']}. Calibration {args.n_samples} x {args.seq_len} "
              f"tokens (built-in corpus, seed 0); evaluation {meta['evaluation']['windows']} x {args.seq_len} tokens "
@@ -117,7 +121,7 @@ def write_markdown(meta: dict, rows: list[dict], args) -> None:
         if "mask_agreement_with_faithful" in r:
             lines.append(f"\n{r['method']}: the authors' masks and hfcompress `faithful` masks identical on "
                          f"{r['mask_agreement_with_faithful']:.2%} of the weights.")
-    (RESULTS / "dsnot_smollm2.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -159,8 +159,9 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
             break
         at = torch.arange(len(ids), device=dense.device)
         a, b = -dense[at, grow] * searching, current[at, prune] * searching
-        residual.addcmul_(hessian.index_select(0, grow), a.unsqueeze(1))
-        residual.addcmul_(hessian.index_select(0, prune), b.unsqueeze(1))
+        # r_i += a_i H[g_i] + b_i H[p_i]: embedding_bag gathers and sums the two rows of H in one pass
+        residual += nn.functional.embedding_bag(torch.stack([grow, prune], 1), hessian, mode="sum",
+                                                per_sample_weights=torch.stack([a, b], 1))
         local, grow, prune = at[searching], grow[searching], prune[searching]
         keep[ids[local], grow], keep[ids[local], prune] = True, False
         grow_base[local, grow] = torch.inf                    # a swapped weight is not swapped back
