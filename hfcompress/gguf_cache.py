@@ -87,10 +87,11 @@ def store_weights(folder: str | Path, model: Any, config: Any) -> bool:
 def gguf_license(location: str, gguf_file: str, folder: str | Path | None) -> str | None:
     """The GGUF file's `general.license` (None when it has none), read from the conversion when it is there."""
     kept = Path(folder) / "license.json" if folder else None
-    try:
-        return json.loads(kept.read_text(encoding="utf-8"))["license"] if kept else None
-    except (OSError, ValueError, KeyError):
-        pass
+    if kept is not None:
+        try:
+            return json.loads(kept.read_text(encoding="utf-8"))["license"]
+        except (OSError, ValueError, KeyError):
+            pass
     import gguf
 
     field_ = gguf.GGUFReader(os.path.join(location, gguf_file)).fields.get("general.license")

@@ -51,6 +51,7 @@ def test_a_cache_that_cannot_be_written_only_costs_time(monkeypatch, tmp_path):
     assert load_tokenizer(resolved)(TEXT).input_ids and source_license(resolved) == "apache-2.0"
     assert not gguf_cache.store_weights(resolved.converted, torch.nn.Linear(4, 4), resolved.config)
     assert not os.path.exists(resolved.converted)
+    assert gguf_cache.gguf_license(resolved.location, resolved.gguf_file, None) == "apache-2.0"  # no cache folder
 
 
 def test_a_part_is_written_whole_or_not_at_all(tmp_path):
