@@ -5,8 +5,9 @@
 Takes the main command from README.md's quick start as it stands (install excluded) and runs it in fresh processes,
 one after the other: (1) with `--compute-dtype float32` and an empty cache (`HFCOMPRESS_CACHE`: the "before"
 numbers and the GGUF file's conversion), (2) with `--compute-dtype auto` and another empty cache, (3) `auto` again
-with the cache that (2) filled, as a user's second run on the same model would. Wall time per run, the perplexity before and after, and whether the "before" numbers were read from the
-cache. Writes bench/results/main_job_smollm2.{json,md}.
+with the cache that (2) filled, as a user's second run on the same model would. Wall time per run, the perplexity
+before and after, and whether the "before" numbers were read from the cache.
+Writes bench/results/main_job_smollm2.{json,md}.
 """
 
 from __future__ import annotations

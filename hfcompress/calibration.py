@@ -1,18 +1,19 @@
-"""Text sources -> token windows, for calibration and for evaluation.
+"""Text sources -> token windows, for calibration and for evaluation; image-text sources -> processor batches.
 
 A source is `builtin` (public-domain books shipped in the package: calibration and evaluation use different books),
-a local `.txt` / `.jsonl` file, a local folder or id that `datasets.load_dataset` understands.
+a local `.txt` / `.jsonl` file, a local folder or id that `datasets.load_dataset` understands. Vision-language models
+calibrate on (image, caption) pairs: a local image folder (images beside a `metadata.jsonl` whose rows name the
+`file_name` and hold the caption, the `datasets` imagefolder layout) or a `datasets` id with an image column.
 """
 
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -74,22 +75,33 @@ def read_text(source: str, purpose: str = "calibration", *, text_field: str = "t
 DATASET_CHARS = 20_000_000  # read at most this much text from a dataset (streamed, never downloaded whole)
 
 
-def _dataset_text(source: str, text_field: str, split: str, subset: str | None, purpose: str) -> str:
+def _dataset_rows(source: str, split: str, subset: str | None, purpose: str) -> tuple[dict, Any]:
+    """(first row, the streamed dataset) of a `datasets` source: streamed, never downloaded whole."""
     try:
         import datasets
     except ImportError:
         raise CalibrationError(f"reading {source!r} needs the `datasets` package: pip install datasets") from None
     try:
-        rows = iter(datasets.load_dataset(source, subset, split=split, streaming=True))
-        first = next(rows)
+        dataset = datasets.load_dataset(source, subset, split=split, streaming=True)
+        first = next(iter(dataset))
     except Exception as error:  # datasets raises many types for "not found" / offline / bad split / empty
         where = f"subset {subset!r}, split {split!r}" if subset else f"split {split!r}"
         raise CalibrationError(f"could not load dataset {source!r} ({where}): {error} (the {purpose} options "
                                "`subset` and `split` choose them)") from None
-    if text_field not in first:
-        raise CalibrationError(f"dataset {source!r} has no column {text_field!r}; columns: {sorted(first)}")
+    return first, dataset
+
+
+def _check_columns(source: str, first: dict, *fields: str) -> None:
+    for name in fields:
+        if name not in first:
+            raise CalibrationError(f"dataset {source!r} has no column {name!r}; columns: {sorted(first)}")
+
+
+def _dataset_text(source: str, text_field: str, split: str, subset: str | None, purpose: str) -> str:
+    first, dataset = _dataset_rows(source, split, subset, purpose)
+    _check_columns(source, first, text_field)
     texts, size = [], 0
-    for row in itertools.chain([first], rows):
+    for row in dataset:
         text = str(row[text_field] or "")
         texts.append(text)
         size += len(text)
@@ -122,13 +134,32 @@ def cut_windows(tokens: torch.Tensor, seq_len: int, count: int | None, *, seed: 
 
 @dataclass
 class CalibrationData:
-    """Calibration windows (n_samples, seq_len) and where they came from (recorded in hfcompress.json)."""
+    """Calibration windows and where they came from (recorded in hfcompress.json).
+
+    Text: `input_ids` (n_samples, seq_len) windows cut from running text. Image-text: `input_ids` (n_samples,
+    longest) are the prompts padded to the longest, and `extra` holds the processor's other outputs per sample:
+    `attention_mask` (n_samples, longest), `pixel_values` (n_samples, 3, H, W), ...
+    """
 
     input_ids: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def batches(self, batch_size: int = 1) -> list[torch.Tensor]:
-        return list(self.input_ids.split(batch_size))
+    def batches(self, batch_size: int = 1) -> list[torch.Tensor | dict[str, torch.Tensor]]:
+        """The samples in batches: token tensors (batch, seq_len) for text, processor dicts for image-text."""
+        starts = range(0, len(self.input_ids), batch_size)
+        if not self.extra:
+            return list(self.input_ids.split(batch_size))
+        return [self.batch(range(start, min(start + batch_size, len(self.input_ids)))) for start in starts]
+
+    def batch(self, rows: Iterable[int]) -> dict[str, torch.Tensor]:
+        """The image-text samples `rows` as one batch, without the padding columns none of them uses (a single
+        sample then carries no padding: its statistics count only real tokens)."""
+        rows = list(rows)
+        tensors = {"input_ids": self.input_ids[rows], **{k: v[rows] for k, v in self.extra.items()}}
+        used = tensors["attention_mask"].bool().any(dim=0)                       # (longest,)
+        tokens = tensors["input_ids"].shape
+        return {k: v[:, used] if v.shape[:2] == tokens else v for k, v in tensors.items()}
 
 
 def load_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int, seed: int,
@@ -141,3 +172,51 @@ def load_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int, 
     if subset:
         info["subset"] = subset
     return CalibrationData(ids, info)
+
+
+def check_image_text_source(source: str) -> None:
+    """Refuse a source that can give text only (`builtin`, a .txt or .jsonl file) for an image-text model."""
+    if source == BUILTIN or (os.path.isfile(os.path.expanduser(source)) and source.endswith((".txt", ".jsonl"))):
+        raise CalibrationError(f"calibration source {source!r} holds text only; an image-text model calibrates on "
+                               "image-caption pairs: give --calib a local image folder with a metadata.jsonl "
+                               "(`file_name` and a caption field) or a `datasets` id with image and text columns "
+                               "(--image-field, --text-field)")
+
+
+SHUFFLE_ROWS = 4  # an image-text draw shuffles a buffer of this many rows per requested pair (streamed)
+
+
+def load_image_text_calibration(processor: Any, source: str, n_samples: int, seq_len: int, seed: int,
+                                text_field: str = "text", image_field: str = "image", split: str = "train",
+                                subset: str | None = None) -> CalibrationData:
+    """`n_samples` (image, caption) pairs of `source`, drawn with `seed` from a streamed shuffle, run through the
+    model's `processor`. A processor with an `image_token` (LLaVA-style models: the image's features replace those
+    tokens) gets the prompt "<image>\ncaption"; a dual-encoder's (CLIP) gets the caption alone, cut to `seq_len`
+    tokens."""
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise CalibrationError("this model's repo has no image processor (preprocessor_config.json), so its images "
+                               "cannot be prepared; copy the processor files of the model it came from into it")
+    check_image_text_source(source)
+    first, dataset = _dataset_rows(source, split, subset, "calibration")
+    _check_columns(source, first, image_field, text_field)
+    if not hasattr(first[image_field], "convert"):
+        raise CalibrationError(f"column {image_field!r} of {source!r} holds {type(first[image_field]).__name__}, "
+                               "not images; name the image column with image_field")
+    rows = list(dataset.shuffle(seed=seed, buffer_size=SHUFFLE_ROWS * n_samples).take(n_samples))
+    if len(rows) < n_samples:
+        raise CalibrationError(f"calibration source {source!r} has {len(rows)} image-caption pairs but "
+                               f"{n_samples} were requested; lower --n-samples, or give more pairs")
+    image_token = getattr(processor, "image_token", None)
+    captions = [str(row[text_field] or "") for row in rows]
+    prompts = [f"{image_token}\n{caption}" for caption in captions] if image_token else captions
+    # image placeholder tokens must never be cut off; a dual encoder's captions are cut to seq_len
+    cut = {"truncation": not image_token, "max_length": None if image_token else seq_len}
+    encoded = dict(processor(text=prompts, images=[row[image_field].convert("RGB") for row in rows],
+                             padding=True, return_tensors="pt", **cut))
+    input_ids = encoded.pop("input_ids")
+    encoded.setdefault("attention_mask", torch.ones_like(input_ids))
+    info = {"source": source, "n_samples": n_samples, "image_text_pairs": n_samples, "seed": seed,
+            "text_field": text_field, "image_field": image_field, "tokens": int(encoded["attention_mask"].sum())}
+    if subset:
+        info["subset"] = subset
+    return CalibrationData(input_ids, info, encoded)

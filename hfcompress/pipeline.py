@@ -17,7 +17,14 @@ import torch
 import yaml
 
 from .cache import cached_measurement, measurement_key, weights_digest
-from .calibration import CalibrationData, cut_windows, load_calibration, read_text, token_stream
+from .calibration import (
+    CalibrationData,
+    cut_windows,
+    load_calibration,
+    load_image_text_calibration,
+    read_text,
+    token_stream,
+)
 from .card import render_card
 from .context import Context, Progress
 from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
@@ -153,7 +160,12 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
 
     calibration: CalibrationData | None = None
     c, ev = recipe.calibration, recipe.evaluation
-    if any(get_method(type(step).method).calibrates(step) for step in recipe.steps):
+    calibrates = any(get_method(type(step).method).calibrates(step) for step in recipe.steps)
+    if calibrates and resolved.family == "vision-language":  # image-caption pairs through the model's processor
+        log(f"calibration: {c.n_samples} image-caption pairs from {c.source}")
+        calibration = load_image_text_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field,
+                                                  c.image_field, c.split, c.subset)
+    elif calibrates:
         log(f"calibration: {c.n_samples} x {c.seq_len} tokens from {c.source}")
         calibration = load_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field, c.split,
                                        c.subset)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .calibration import check_image_text_source
 from .errors import InvalidOptionError, UnsupportedModelError, choices
 from .formats import read_metadata, structure_of, writer_name
 from .formats.compressed_tensors import kernel_warning
@@ -43,6 +44,8 @@ def preflight(recipe: Recipe, token: str | None = None, log: Callable[[str], Non
                        allow_pickle=recipe.model.allow_pickle)
     source = source_structure(resolved)  # read once: planning and the run both start from it
     planned = plan(resolved, recipe, source)
+    if resolved.family == "vision-language" and any(get_method(type(s).method).calibrates(s) for s in recipe.steps):
+        check_image_text_source(recipe.calibration.source)
     if recipe.export.onnx:
         from .export import check_family
 

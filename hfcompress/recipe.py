@@ -53,6 +53,8 @@ class CalibrationSpec:
                                        "model's context)")
     seed: int = option(0, "seed for drawing the windows")
     text_field: str = option("text", "field holding the text in .jsonl files and datasets")
+    image_field: str = option("image", "column holding the images of an image-text source (vision-language "
+                                       "models calibrate on image-caption pairs)")
     split: str = option("train", "dataset split")
     subset: str | None = option(None, "dataset configuration, e.g. `wikitext-2-raw-v1` for `wikitext`")
 

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover
     Conv1D = ()
 
 Inputs = list[tuple[tuple, dict]]  # per calibration batch: (positional args, keyword args) of a block's forward
+Batch = torch.Tensor | dict[str, torch.Tensor]  # token ids (batch, seq), or an image-text batch (processor outputs)
 
 
 def find_block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -118,10 +119,17 @@ def computing_in(module: nn.Module, dtype: torch.dtype | None) -> Iterator[None]
             param.data = data
 
 
-def model_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
-    """Forward kwargs for a calibration batch; no KV cache, so replayed blocks never append to one."""
-    kwargs: dict[str, Any] = {"input_ids": input_ids}
-    if "use_cache" in inspect.signature(model.forward).parameters:
+def model_inputs(model: nn.Module, batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Forward kwargs for a calibration batch: token ids (batch, seq), or an image-text batch's processor outputs
+    that the forward names (a BERT tokenizer's `token_type_ids` would break CLIP), images in the model's dtype. No
+    KV cache, so replayed blocks never append to one."""
+    named = inspect.signature(model.forward).parameters
+    if isinstance(batch, torch.Tensor):
+        kwargs: dict[str, Any] = {"input_ids": batch}
+    else:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        kwargs = {k: move(v, v.device, dtype) for k, v in batch.items() if k in named}
+    if "use_cache" in named:
         kwargs["use_cache"] = False
     return kwargs
 
@@ -153,13 +161,13 @@ def onloaded_blocks(blocks: list[nn.Module], device: torch.device) -> Iterator[N
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor], device: torch.device) -> Inputs:
+def capture_inputs(model: nn.Module, block: nn.Module, batches: list[Batch], device: torch.device) -> Inputs:
     """Run the model on each batch until `block` is reached; return what `block` received (on `device`)."""
     return capture_stack_inputs(model, [block], batches, device)[0]
 
 
 @torch.no_grad()
-def capture_stack_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor],
+def capture_stack_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[Batch],
                          device: torch.device, dtype: torch.dtype | None = None) -> list[Inputs]:
     """What each of `blocks` (consecutive blocks of one stack) receives per batch, on `device`, in one forward pass
     per batch that computes none of them: every block records its inputs and hands its hidden states on unchanged,
@@ -193,9 +201,9 @@ def capture_stack_inputs(model: nn.Module, blocks: list[nn.Module], batches: lis
         block.forward = recorder(index, block.forward)  # an instance attribute shadows the class's forward
     try:
         with onloaded_blocks(all_blocks, device):
-            for input_ids in batches:
+            for batch in batches:
                 try:
-                    model(**model_inputs(model, input_ids.to(device)))
+                    model(**model_inputs(model, move(batch, device)))
                 except _StopForward:
                     pass
     finally:
@@ -277,7 +285,7 @@ def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
 @torch.no_grad()
 def run_blocks(
     model: nn.Module,
-    batches: list[torch.Tensor],
+    batches: list[Batch],
     device: torch.device | str,
     process_block: Callable[[BlockStep], None],
     *,

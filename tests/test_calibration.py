@@ -77,3 +77,49 @@ def test_too_little_text_and_missing_files_are_clear_errors(tmp_path):
         cut_windows(torch.arange(10), 4, 3, seed=0, what="x")
     with pytest.raises(CalibrationError, match="does not exist"):
         read_text(str(tmp_path / "missing.txt"))
+
+
+def _processor(tiny, name):
+    from hfcompress.loading import load_tokenizer, resolve
+
+    return load_tokenizer(resolve(tiny(name)))
+
+
+def test_image_caption_pairs_from_an_image_folder(tiny, tmp_path):
+    from hfcompress.calibration import load_image_text_calibration
+    from tests.tiny_models import image_folder
+
+    folder = image_folder(tmp_path / "images", 6)
+    clip = load_image_text_calibration(_processor(tiny, "clip"), folder, 4, 5, seed=0)
+    again = load_image_text_calibration(_processor(tiny, "clip"), folder, 4, 5, seed=0)
+    other = load_image_text_calibration(_processor(tiny, "clip"), folder, 4, 5, seed=1)
+    assert clip.extra["pixel_values"].shape == (4, 3, 32, 32) and clip.input_ids.shape[1] <= 5  # captions cut
+    assert torch.equal(clip.input_ids, again.input_ids) and not torch.equal(clip.input_ids, other.input_ids)
+    assert clip.info["image_text_pairs"] == 4 and clip.info["tokens"] == int(clip.extra["attention_mask"].sum())
+    llava = load_image_text_calibration(_processor(tiny, "llava"), folder, 3, 5, seed=0)
+    image_token = _processor(tiny, "llava").image_token_id
+    assert ((llava.input_ids == image_token).sum(1) == 16).all()  # never cut: one placeholder per patch feature
+    for index, single in enumerate(llava.batches()):               # one pair per batch, its padding left out
+        assert single["input_ids"].shape[1] == int(llava.extra["attention_mask"][index].sum())
+        assert single["attention_mask"].all() and single["pixel_values"].shape == (1, 3, 32, 32)
+    padded = llava.batch(range(3))
+    assert padded["input_ids"].shape == llava.input_ids.shape == padded["attention_mask"].shape
+
+
+def test_image_text_sources_that_cannot_serve_are_clear_errors(tiny, tmp_path):
+    from hfcompress.calibration import load_image_text_calibration
+    from tests.tiny_models import image_folder
+
+    processor = _processor(tiny, "clip")
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "hello"}\n')
+    for source in ("builtin", str(text)):
+        with pytest.raises(CalibrationError, match="holds text only.*image folder.*--image-field"):
+            load_image_text_calibration(processor, source, 2, 8, seed=0)
+    folder = image_folder(tmp_path / "images", 3)
+    with pytest.raises(CalibrationError, match="no column 'caption'; columns: \\['image', 'text'\\]"):
+        load_image_text_calibration(processor, folder, 2, 8, seed=0, text_field="caption")
+    with pytest.raises(CalibrationError, match="has 3 image-caption pairs but 5 were requested"):
+        load_image_text_calibration(processor, folder, 5, 8, seed=0)
+    with pytest.raises(CalibrationError, match="no image processor"):
+        load_image_text_calibration(tokenizer(), folder, 2, 8, seed=0)

@@ -37,7 +37,8 @@ def test_compress_eval_and_card_commands(tiny, tmp_path, capsys):
     metadata = json.loads((out / "hfcompress.json").read_text())
     assert metadata["steps"][0]["config"]["pattern"] == "2:4"
     assert metadata["recipe"]["calibration"] == {"source": "builtin", "n_samples": 4, "seq_len": 32, "seed": 0,
-                                                 "text_field": "text", "split": "train", "subset": None}
+                                                 "text_field": "text", "image_field": "image", "split": "train",
+                                                 "subset": None}
 
     assert main(["eval", str(out), "--eval-seq-len", "64", "--eval-windows", "2"]) == 0
     measured = json.loads(capsys.readouterr().out)

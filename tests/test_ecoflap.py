@@ -2,6 +2,8 @@
 with first order when it perturbs little at a time; the RNG and the weights are left as they were), and the
 per-block ratios that stage 2 applies."""
 
+import json
+
 import pytest
 import torch
 
@@ -11,8 +13,11 @@ from hfcompress.context import Context
 from hfcompress.errors import HfCompressError
 from hfcompress.loading import load_model, resolve
 from hfcompress.methods import ecoflap
-from hfcompress.methods.ecoflap import allocate, directional_derivative, first_order_scores, zeroth_order_scores
+from hfcompress.methods.ecoflap import allocate, directional_derivative, model_loss, zeroth_order_scores
 from hfcompress.sequential import find_linears, named_blocks, weight_matrix
+from hfcompress.streamed import StreamedLoss, streamed_gradient_sums
+from tests.test_methods import check_invariants
+from tests.tiny_models import fingerprint, image_folder, reloaded_outputs, same_outputs
 
 
 def _kept(sizes, ratios):
@@ -62,7 +67,7 @@ def test_perturbation_restores_the_weights_and_leaves_the_global_rng_alone(llama
     weights = _weights(model)
     before = {n: w.clone() for n, w in weights.items()}
     state = torch.random.get_rng_state()
-    loss = ecoflap.StreamedLoss(model, list(windows.split(1)), torch.device("cpu"))
+    loss = StreamedLoss(model, list(windows.split(1)), torch.device("cpu"), ecoflap.causal_lm_loss)
     d1 = directional_derivative(weights, 7, 1e-3, lambda: loss(0))
     d2 = directional_derivative(weights, 7, 1e-3, lambda: loss(0))
     assert d1 == d2 and d1 != 0                                      # the same seed, the same direction
@@ -72,13 +77,15 @@ def test_perturbation_restores_the_weights_and_leaves_the_global_rng_alone(llama
 
 def test_replaying_the_blocks_before_the_perturbed_one_gives_the_whole_model_loss(llama):
     model, windows = llama
-    loss = ecoflap.StreamedLoss(model, list(windows.split(1)), torch.device("cpu"))
+    loss = StreamedLoss(model, list(windows.split(1)), torch.device("cpu"), ecoflap.causal_lm_loss)
     loss.record()
-    block = model.model.layers[2].mlp.down_proj.weight.data
+    clean = loss(1)
+    layers = model.model.layers
+    block = layers[2].mlp.down_proj.weight.data
     original = block.clone()
     block.add_(0.05 * torch.randn(block.shape, generator=torch.Generator().manual_seed(3)))
     try:                                   # blocks 0 and 1 replay their recorded outputs; block 2 runs perturbed
-        assert loss(1, 2) == pytest.approx(loss(1, 0), rel=1e-6) and loss(1, 0) != pytest.approx(loss(1, 3))
+        assert loss(1, layers[2]) == pytest.approx(loss(1), rel=1e-6) and loss(1) != pytest.approx(clean)
     finally:
         block.copy_(original)
     assert "forward" not in vars(model.model.layers[0])                 # the replay is undone
@@ -89,14 +96,13 @@ def test_zeroth_order_tensor_scores_follow_the_first_order_gradient_norms(llama)
     weights = _weights(model)
     params = {name: layer.weight for prefix, block in named_blocks(model)
               for name, layer in find_linears(block, prefix=prefix).items()}
-    first = first_order_scores(model, params, list(windows.split(1)), torch.device("cpu"))
+    first = streamed_gradient_sums(model, list(windows.split(1)), torch.device("cpu"), ecoflap.causal_lm_loss, params)
     assert all(p.requires_grad for p in model.parameters())          # gradient flags as they were
     config = hfcompress.make_config("ecoflap", {"sparsity": 0.5, "order": "zeroth", "perturb": "tensor",
                                                 "noise_samples": 2})
-    block_index = {name: i for i, (prefix, block) in enumerate(named_blocks(model))
-                   for name in find_linears(block, prefix=prefix)}
-    zeroth = zeroth_order_scores(weights, {n: [n] for n in weights}, block_index,
-                                 ecoflap.StreamedLoss(model, list(windows.split(1)), torch.device("cpu")), config)
+    block_of = {name: block for prefix, block in named_blocks(model) for name in find_linears(block, prefix=prefix)}
+    streamed = StreamedLoss(model, list(windows.split(1)), torch.device("cpu"), ecoflap.causal_lm_loss)
+    zeroth = zeroth_order_scores(weights, {n: [n] for n in weights}, block_of, streamed, config)
     # |z . g| estimates ||g||_2 per tensor, first order sums |g|: ranks agree (Spearman) on most tensors
     names = list(weights)
     a = torch.tensor([first[n] / weights[n].numel() ** 0.5 for n in names]).argsort().argsort().float()
@@ -104,6 +110,32 @@ def test_zeroth_order_tensor_scores_follow_the_first_order_gradient_norms(llama)
     rho = 1 - 6 * (a - b).pow(2).sum() / (len(names) * (len(names) ** 2 - 1))
     print(f"rank correlation {rho:.3f}")
     assert rho > 0.6
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "bert", "clip", "llava"])
+def test_streamed_gradients_equal_one_backward_pass_of_the_whole_model(tiny, tmp_path, name):
+    model = load_model(resolve(tiny(name)), "float32")
+    if name in ("clip", "llava"):
+        from hfcompress.calibration import load_image_text_calibration
+        from hfcompress.loading import load_tokenizer
+
+        calibration = load_image_text_calibration(load_tokenizer(resolve(tiny(name))),
+                                                  image_folder(tmp_path / "images", 4), 3, 16, seed=0)
+    else:
+        calibration = CalibrationData(torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(4)))
+    batches = ecoflap.stage1_batches(model, calibration, 3)
+    params = {name: layer.weight for prefix, block in named_blocks(model)
+              for name, layer in find_linears(block, prefix=prefix).items()}
+    loss = model_loss(model)
+    streamed = streamed_gradient_sums(model, batches, torch.device("cpu"), loss, params)
+    whole = dict.fromkeys(params, 0.0)
+    for batch in batches:                                          # plain autograd, the whole model at once
+        grads = torch.autograd.grad(loss(model, batch), list(params.values()), allow_unused=True)
+        for key, grad in zip(params, grads, strict=True):
+            whole[key] += 0.0 if grad is None else grad.abs().sum().item() / len(batches)
+    assert streamed.keys() == whole.keys() and sum(v > 0 for v in whole.values()) >= len(whole) - 6
+    for key in whole:
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-12), key
 
 
 @pytest.mark.parametrize("options", [
@@ -150,15 +182,51 @@ def test_an_encoder_is_scored_by_its_sentence_embedding_objective(tiny, order):
     calibration = CalibrationData(torch.randint(0, 1000, (4, 24), generator=torch.Generator().manual_seed(2)))
     config = hfcompress.make_config("ecoflap", {"sparsity": 0.5, "order": order, "perturb": "block"})
     report = hfcompress.available_methods()["ecoflap"].transform(model, config, Context(calibration=calibration))
-    assert report.stats["stage1_forward_passes"] == (1 if order == "first" else 2 * 3)  # one batch, 3 blocks
+    assert report.stats["stage1_forward_passes"] == 2 * (1 if order == "first" else 3)  # one batch, 3 blocks
     assert all(score > 0 for score in report.stats["group_scores"].values())
     single = CalibrationData(torch.randint(0, 1000, (1, 24)))
     with pytest.raises(HfCompressError, match="at least 2"):
         hfcompress.available_methods()["ecoflap"].transform(model, config, Context(calibration=single))
 
 
-def test_vision_language_models_are_refused_before_loading(tiny, tmp_path):
-    with pytest.raises(HfCompressError, match="vision-language.*`causal-lm`, `encoder`"):
-        hfcompress.compress({"model": tiny("llava"), "steps": [{"method": "ecoflap", "sparsity": 0.5}],
-                             "calibration": {"n_samples": 2, "seq_len": 16}, "output": {"dir": str(tmp_path / "o")}},
-                            log=lambda line: None)
+def _image_text_recipe(model, images, out, **options):
+    return {"model": model, "steps": [{"method": "ecoflap", "sparsity": 0.5, "max_sparsity": 0.7, **options}],
+            "calibration": {"source": images, "n_samples": 4, "seq_len": 16}, "output": {"dir": str(out)}}
+
+
+@pytest.mark.parametrize("model_name,options", [("clip", {}), ("clip", {"order": "zeroth", "perturb": "tensor"}),
+                                                ("llava", {}), ("llava", {"order": "zeroth", "perturb": "block"})])
+def test_image_text_models_are_pruned_on_image_caption_pairs_and_reload(tiny, tmp_path, model_name, options):
+    images = image_folder(tmp_path / "images", 6)
+    result = hfcompress.compress(_image_text_recipe(tiny(model_name), images, tmp_path / "out", **options),
+                                 log=lambda line: None)
+    check_invariants("sparse", hfcompress.make_config("ecoflap", {"sparsity": 0.5, **options}), result)
+    stats = result.reports[0].stats
+    sparsity = stats["group_sparsity"]
+    assert any("vision" in g for g in sparsity) and any("vision" not in g for g in sparsity)  # both towers
+    assert len(set(sparsity.values())) > 1 and max(sparsity.values()) <= 0.7 + 1e-9
+    layers = [weight_matrix(m) for p, b in named_blocks(result.model) for m in find_linears(b, prefix=p).values()]
+    zeros = sum(int((w == 0).sum()) for w in layers) / sum(w.numel() for w in layers)
+    assert zeros == pytest.approx(0.5, abs=0.01)                     # tiny rows: rounding per row
+    scores = stats["group_scores"]
+    unused = {"model.vision_tower.encoder.layers.1"} if model_name == "llava" else set()
+    assert stats["score_windows"] == 4 and all((scores[g] == 0) == (g in unused) for g in scores)
+    assert all(sparsity[g] == pytest.approx(0.7) for g in unused)     # LLaVA reads the features of the block before
+    metadata = json.loads((tmp_path / "out" / "hfcompress.json").read_text())
+    assert metadata["calibration"]["image_text_pairs"] == 4 and metadata["steps"][0]["stats"]["group_sparsity"]
+    assert (tmp_path / "out" / "processor_config.json").exists()     # the processor travels with the model
+    expected = fingerprint(result.model)
+    for loader, reloaded in reloaded_outputs(str(tmp_path / "out"), tmp_path).items():
+        assert same_outputs(reloaded, expected), f"{loader}: {reloaded}"
+
+
+def test_an_image_text_model_without_images_is_refused_before_loading(tiny, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before refusing")
+
+    monkeypatch.setattr(hfcompress.pipeline, "load_tokenizer", no_loading)
+    text = tmp_path / "captions.jsonl"
+    text.write_text('{"text": "a cat"}\n')
+    for source in ("builtin", str(text)):
+        with pytest.raises(HfCompressError, match="holds text only; an image-text model calibrates on image-caption"):
+            hfcompress.compress(_image_text_recipe(tiny("llava"), source, tmp_path / "o"), log=lambda line: None)

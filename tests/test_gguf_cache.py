@@ -28,9 +28,11 @@ def test_a_second_load_reads_the_conversion_and_gets_the_same_model(monkeypatch)
     monkeypatch.setattr(gguf, "GGUFReader", no_parsing)
     again, tokenizer2, model2, license2 = _load_everything()
     assert again.converted == resolved.converted and again.family == resolved.family == "causal-lm"
-    assert again.config.to_diff_dict() | {"_name_or_path": ""} == resolved.config.to_diff_dict() | {"_name_or_path": ""}
+    unnamed = {"_name_or_path": ""}
+    assert again.config.to_diff_dict() | unnamed == resolved.config.to_diff_dict() | unnamed
     assert license2 == license_ == "apache-2.0"
-    assert tokenizer2(TEXT).input_ids == tokenizer(TEXT).input_ids and tokenizer2.chat_template == tokenizer.chat_template
+    assert tokenizer2(TEXT).input_ids == tokenizer(TEXT).input_ids
+    assert tokenizer2.chat_template == tokenizer.chat_template
     first, second = model.state_dict(), model2.state_dict()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)  # bit-identical
 

@@ -53,29 +53,57 @@ CAUSAL = [name for name, (_, cls, _) in CONFIGS.items() if cls.endswith(("ForCau
 
 
 def build(name: str, folder: str | Path, seed: int = 0) -> str:
-    """Save a tiny random `name` model (and the tokenizer) into `folder`; return the folder."""
+    """Save a tiny random `name` model (and its tokenizer, or its processor for an image-text model) into `folder`;
+    return the folder."""
     torch.manual_seed(seed)
+    processor = None
+    if name in ("clip", "llava"):
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=32, patch_size=8)
     if name == "clip":
         config = transformers.CLIPConfig(
             text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, max_position_embeddings=64),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=32, patch_size=8),
-            projection_dim=16)
+            vision_config=vision, projection_dim=16)
         model = transformers.CLIPModel(config)
-    elif name == "llava":
+        processor = transformers.CLIPProcessor(image_processor=images, tokenizer=tokenizer())
+    elif name == "llava":  # the image placeholder is one more token: 16 patches (the CLS feature dropped) each
+        text = tokenizer()
+        text.add_special_tokens({"additional_special_tokens": ["<image>"]})
         config = transformers.LlavaConfig(
-            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
-            text_config=dict(model_type="llama", **{**COMMON, "num_hidden_layers": 2}),
-            image_token_index=VOCAB - 1)
+            vision_config=dict(model_type="clip_vision_model", **vision),
+            text_config=dict(model_type="llama", **{**COMMON, "num_hidden_layers": 2, "vocab_size": VOCAB + 1}),
+            image_token_index=VOCAB)
         model = transformers.LlavaForConditionalGeneration(config)
+        processor = transformers.LlavaProcessor(image_processor=images, tokenizer=text, patch_size=8,
+                                                vision_feature_select_strategy="default",
+                                                num_additional_image_tokens=1)
     else:
         config_class, model_class, kwargs = CONFIGS[name]
         config = getattr(transformers, config_class)(**kwargs)
         model = getattr(transformers, model_class)(config)
     model.save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
+    (processor or tokenizer()).save_pretrained(folder)
+    return str(folder)
+
+
+WORDS = "a red cat sits on the green mat beside one small dog under blue sky near old house".split()
+
+
+def image_folder(folder: str | Path, count: int, seed: int = 0) -> str:
+    """`count` random 40x48 PNG images with a caption each, in the `datasets` imagefolder layout (metadata.jsonl)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for index in range(count):
+            pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+            words = torch.randint(0, len(WORDS), (3 + index % 5,), generator=generator).tolist()
+            metadata.write(json.dumps({"file_name": f"{index}.png", "text": " ".join(WORDS[w] for w in words)}) + "\n")
     return str(folder)
 
 
@@ -191,8 +219,14 @@ def fingerprint(model) -> torch.Tensor:
     """The model's main output on a fixed input: logits, image-text logits, or last hidden state."""
     model.eval()
     kwargs = {"input_ids": torch.arange(1, 17).unsqueeze(0)}
-    if isinstance(model, transformers.CLIPModel):
-        kwargs["pixel_values"] = torch.linspace(-1, 1, 3 * 32 * 32).reshape(1, 3, 32, 32)
+    vision = getattr(model.config, "vision_config", None)
+    if vision is not None:  # image-text models see an image too, so the vision tower's weights count
+        size = vision.image_size
+        kwargs["pixel_values"] = torch.linspace(-1, 1, 3 * size * size).reshape(1, 3, size, size)
+        image_token = getattr(model.config, "image_token_id", None)
+        if image_token is not None:  # LLaVA: one placeholder per patch feature (the CLS feature is dropped)
+            placeholders = torch.full((1, (size // vision.patch_size) ** 2), image_token)
+            kwargs["input_ids"] = torch.cat([placeholders, kwargs["input_ids"]], dim=1)
     out = model(**kwargs)
     for name in ("logits", "logits_per_image", "last_hidden_state"):
         if getattr(out, name, None) is not None:

@@ -25,7 +25,8 @@ class ECoFLaPConfig(PruningConfig):
     noise_samples: int = option(1, "zeroth order: random directions per window")
     noise_seed: int = option(0, "zeroth order: seed of the random directions (its own generator)")
     eps: float = option(1e-3, "zeroth order: size of the perturbation")
-    score_windows: int = option(8, "calibration windows stage 1 uses (the first ones; 0 = all)")
+    score_windows: int = option(8, "calibration windows (or image-caption pairs) stage 1 uses (the first ones; "
+                                   "0 = all)")
     grouping: str = option("block", "one sparsity per `block` or per `tensor`", choices=("block", "tensor"))
     aggregate: str = option("sum", "group score: `sum` of its tensors' scores or their `mean` per weight",
                             choices=("sum", "mean"))
@@ -59,7 +60,8 @@ class ECoFLaPConfig(PruningConfig):
 
 
 register(ECoFLaPConfig, transform="hfcompress.methods.ecoflap:ecoflap", check="hfcompress.sparsity:pruning_check",
-         paper="https://arxiv.org/abs/2310.02998", needs_calibration=True, supports=("causal-lm", "encoder"),
+         paper="https://arxiv.org/abs/2310.02998", needs_calibration=True,
+         supports=("causal-lm", "encoder", "vision-language"),
          changes="sparse",
          summary="ECoFLaP: per-block sparsity from a global (zeroth- or first-order) loss score, then Wanda "
                  "inside each layer.")

@@ -1,7 +1,8 @@
 """ECoFLaP: coarse-to-fine layer-wise pruning (Sung et al., ICLR 2024, arXiv 2310.02998).
 
 Stage 1 (coarse) scores every targeted weight tensor by how much the model's own loss depends on it (next-token loss
-for causal LMs; for encoders a sentence-embedding objective, see `sentence_embedding_loss`), sums the scores
+for causal LMs; for encoders a sentence-embedding objective, see `sentence_embedding_loss`; CLIP's contrastive loss
+over a batch of image-caption pairs; the captioning loss of other vision-language models), sums the scores
 per group (a block by default, or each tensor) and turns them into per-group sparsity: every group first keeps
 1 - `max_sparsity` of its weights, the rest of the keep budget (1 - `sparsity` of all targeted weights) is shared in
 proportion to the group scores, capped at each group's size, until it is spent exactly. Stage 2 (fine) prunes each
@@ -9,7 +10,8 @@ layer at its group's ratio with Wanda (or SparseGPT), block by block as usual.
 
 Stage-1 scores (`order`):
 - `first` (default): |dL/dW| from one backward pass per window, summed per tensor (the authors' first-order variant).
-  The whole model is held on the compute device for the backward pass.
+  The backward pass is streamed too (`streamed.streamed_gradient_sums`): each block is recomputed and
+  backpropagated on the compute device alone, in reverse order, for one more forward pass.
 - `zeroth` (forward passes only, the paper's MeZO variant): along a random direction z ~ N(0, I) from
   this step's own generator (`noise_seed`), the loss difference d = (L(W + eps z) - L(W - eps z)) / (2 eps) is the
   directional derivative z . grad L, computed in fp32 over each stage-1 calibration window. `perturb: tensor` is the
@@ -25,10 +27,10 @@ Why `first` is the default: on SmolLM2-135M at 60 % it gives 0.83x uniform Wanda
 every weight perturbed at once is no better than uniform, and per-tensor perturbation takes hours on a CPU.
 
 The zeroth-order passes stream the model: each block moves to the compute device only while it runs, so a model
-larger than the device is scored as it is pruned. Weights are perturbed in place and restored from a copy exactly.
-Departures from the paper: a causal LM's loss is taken per window rather than per batch of windows (more directions
-for the same passes; an encoder's contrastive loss needs the batch: all stage-1 windows at once); the stage-1
-windows are the first `score_windows` calibration windows.
+larger than the device is scored as it is pruned (`streamed.StreamedLoss`). Weights are perturbed in place and restored from a copy exactly.
+Departures from the paper: a causal LM's (or captioning model's) loss is taken per window or pair rather than per
+batch (more directions for the same passes; a contrastive loss needs the batch: all stage-1 samples at once); the
+stage-1 samples are the first `score_windows` calibration windows or image-caption pairs.
 """
 
 from __future__ import annotations
@@ -41,13 +43,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import CalibrationData
 from ..configs.ecoflap import ECoFLaPConfig
 from ..context import Context
 from ..errors import InvalidOptionError
 from ..loading import model_family
 from ..registry import Report
-from ..sequential import device_of, find_block_stacks, model_inputs, move, move_outer, onloaded_blocks, weight_matrix
+from ..sequential import (
+    Batch,
+    model_inputs,
+    named_blocks,
+    weight_matrix,
+)
 from ..sparsity import prune_blocks, pruning_targets
+from ..streamed import StreamedLoss, streamed_gradient_sums
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_mask
 
@@ -99,49 +108,49 @@ def sentence_embedding_loss(model: nn.Module, batch: torch.Tensor, temperature: 
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def model_loss(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """The model's own loss: next-token for causal LMs, the sentence-embedding objective for encoders."""
-    return causal_lm_loss if model_family(model.config) == "causal-lm" else sentence_embedding_loss
+def contrastive_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """CLIP's own loss on a batch of B image-caption pairs: each caption must pick its image among the batch's and
+    each image its caption (symmetric cross-entropy on the scaled cosine logits (B, B), fp32). Needs B >= 2."""
+    logits = model(**model_inputs(model, batch)).logits_per_text.float()        # (B captions, B images)
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-class StreamedLoss:
-    """Whole-model losses of the stage-1 batches, `loss(batch index, start block)`, with the model where it is:
-    every block visits the compute device only while it runs, so a model larger than the device is scored. After
-    `record()`, the blocks before `start` replay the outputs they gave the unperturbed model instead of running
-    (perturbing block `start` or later cannot change them): perturbing the blocks one at a time then costs half the
-    forward passes. The recorded outputs take windows x blocks x seq x hidden numbers of CPU memory."""
+def captioning_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A vision-language model's next-token loss on its caption (fp32): the image placeholder tokens and padding
+    are inputs only, never targets."""
+    logits = model(**model_inputs(model, batch)).logits[:, :-1].float()         # (B, seq - 1, vocab)
+    targets = batch["input_ids"][:, 1:].to(logits.device)                          # (B, seq - 1)
+    image_token = getattr(model.config, "image_token_id", None)
+    ignored = (batch["attention_mask"][:, 1:].to(logits.device) == 0) | (targets == image_token)
+    return F.cross_entropy(logits.flatten(0, 1), targets.masked_fill(ignored, -100).flatten(), ignore_index=-100)
 
-    def __init__(self, model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> None:
-        self.model, self.batches, self.device = model, batches, device
-        self.loss = model_loss(model)
-        self.blocks = [block for _, stack in find_block_stacks(model) for block in stack]
-        self.outputs: list[list] = []                      # per window, per block: its unperturbed output
 
-    def record(self) -> None:
-        seen: list = []
-        hooks = [b.register_forward_hook(lambda m, a, out: seen.append(move(out, "cpu"))) for b in self.blocks]
-        try:
-            for index in range(len(self.batches)):
-                self(index)
-                self.outputs.append(list(seen))
-                seen.clear()
-        finally:
-            for hook in hooks:
-                hook.remove()
+def is_dual_encoder(model: nn.Module) -> bool:
+    """CLIP-style image-text models: two towers compared by a learned-temperature cosine."""
+    return hasattr(model, "logit_scale")
 
-    @torch.no_grad()
-    def __call__(self, index: int, start: int = 0) -> float:
-        home = device_of(self.model)
-        for block, output in zip(self.blocks[:start], self.outputs[index] if start else [], strict=False):
-            block.forward = lambda *args, out=output, **kwargs: move(out, self.device)  # shadows the class's
-        move_outer(self.model, self.device)
-        try:
-            with onloaded_blocks(self.blocks[start:], self.device):
-                return self.loss(self.model, self.batches[index].to(self.device)).item()
-        finally:
-            move_outer(self.model, home)
-            for block in self.blocks[:start]:
-                block.__dict__.pop("forward", None)
+
+def model_loss(model: nn.Module) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """The model's own loss: next-token for causal LMs, the sentence-embedding objective for encoders, the
+    contrastive loss for CLIP-style models, the captioning loss for other vision-language models."""
+    family = model_family(model.config)
+    if family == "vision-language":
+        return contrastive_loss if is_dual_encoder(model) else captioning_loss
+    return causal_lm_loss if family == "causal-lm" else sentence_embedding_loss
+
+
+def stage1_batches(model: nn.Module, calibration: CalibrationData, count: int) -> list[Batch]:
+    """The first `count` calibration samples as the loss wants them: one window or pair per batch for a
+    next-token loss (more directions for the same passes), all of them in one batch for a contrastive loss."""
+    count = min(count or len(calibration.input_ids), len(calibration.input_ids))
+    family = model_family(model.config)
+    if family == "causal-lm" or (family == "vision-language" and not is_dual_encoder(model)):
+        return calibration.batches()[:count]
+    if count < 2:
+        raise InvalidOptionError(f"ecoflap on a {family} model needs at least 2 stage-1 samples (a contrastive "
+                                 "loss); raise score_windows or n_samples")
+    return [calibration.batch(range(count)) if calibration.extra else calibration.input_ids[:count]]
 
 
 def seed_of(*parts: int) -> int:
@@ -175,10 +184,10 @@ def directional_derivative(weights: dict[str, torch.Tensor], seed: int, eps: flo
     return (losses[0] - losses[1]) / (2 * eps)
 
 
-def zeroth_order_scores(weights: dict[str, torch.Tensor], units: dict[str, list[str]], starts: dict[str, int],
+def zeroth_order_scores(weights: dict[str, torch.Tensor], units: dict[str, list[str]], starts: dict[str, nn.Module],
                         loss: StreamedLoss, config: ECoFLaPConfig) -> dict[str, float]:
-    """Score per unit (`perturb: block|tensor`: sum of |d| over windows and samples; `starts`: the index of the
-    unit's block) or per tensor (`perturb: all`: sum of |mean d z|)."""
+    """Score per unit (`perturb: block|tensor`: sum of |d| over windows and samples; `starts`: the unit's
+    block) or per tensor (`perturb: all`: sum of |mean d z|)."""
     draws = [(w, s) for w in range(len(loss.batches)) for s in range(config.noise_samples)]
     if config.perturb != "all":
         loss.record()
@@ -196,30 +205,6 @@ def zeroth_order_scores(weights: dict[str, torch.Tensor], units: dict[str, list[
         for name, z in directions(weights, seed):
             estimate[name].add_(z.float().cpu(), alpha=d)
     return {name: (e / len(draws)).abs().sum().item() for name, e in estimate.items()}
-
-
-def first_order_scores(model: nn.Module, params: dict[str, nn.Parameter], batches: list[torch.Tensor],
-                       device: torch.device) -> dict[str, float]:
-    """sum |dL/dW| per tensor, averaged over batches; only the targeted weights take gradients."""
-    home = device_of(model)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    scores = dict.fromkeys(params, 0.0)
-    try:
-        model.to(device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for weight in params.values():
-            weight.requires_grad_(True)
-        loss = model_loss(model)
-        for batch in batches:
-            grads = torch.autograd.grad(loss(model, batch.to(device)), list(params.values()))
-            for name, grad in zip(params, grads, strict=True):
-                scores[name] += grad.float().abs().sum().item() / len(batches)
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.to(home)
-    return scores
 
 
 def group_sparsity(config: ECoFLaPConfig, layer_groups: dict[str, str], sizes: dict[str, int],
@@ -246,22 +231,21 @@ def ecoflap(model: nn.Module, config: ECoFLaPConfig, context: Context) -> Report
     weights = {name: layer.weight.data for name, layer in layers.items()}
     block_of = {name: block for block, found in targets.items() for name in found}
     layer_groups = block_of if config.grouping == "block" else {name: name for name in layers}
-    windows = context.calibration.input_ids[:config.score_windows or None]               # (n, seq)
-    causal = model_family(model.config) == "causal-lm"
-    if not causal and len(windows) < 2:
-        raise InvalidOptionError("ecoflap on an encoder needs at least 2 stage-1 windows (a contrastive loss)")
-    batches = list(windows.split(1)) if causal else [windows]  # the encoder loss contrasts a batch of windows
+    batches = stage1_batches(model, context.calibration, config.score_windows)
+    samples = sum(len(b["input_ids"] if isinstance(b, dict) else b) for b in batches)
     start = time.perf_counter()
-    context.report(0.0, f"ecoflap stage 1: {config.order}-order scores on {len(windows)} windows")
+    context.report(0.0, f"ecoflap stage 1: {config.order}-order scores on {samples} samples")
     if config.order == "first":
         params = {name: layer.weight for name, layer in layers.items()}
-        scores, passes = first_order_scores(model, params, batches, context.device), len(batches)
+        scores = streamed_gradient_sums(model, batches, context.device, model_loss(model), params)
+        passes = 2 * len(batches)   # the recording pass and the blocks' recomputation (the backward besides)
     else:
         units = ({block: list(found) for block, found in targets.items() if found} if config.perturb == "block"
                  else {name: [name] for name in layers})
-        index = {block: i for i, block in enumerate(targets)}
-        starts = {unit: index[unit if unit in index else block_of[unit]] for unit in units}
-        scores = zeroth_order_scores(weights, units, starts, StreamedLoss(model, batches, context.device), config)
+        blocks = dict(named_blocks(model))
+        starts = {unit: blocks[unit if unit in blocks else block_of[unit]] for unit in units}
+        streamed = StreamedLoss(model, batches, context.device, model_loss(model))
+        scores = zeroth_order_scores(weights, units, starts, streamed, config)
         passes = 2 * len(batches) * config.noise_samples * (1 if config.perturb == "all" else len(units))
     stage1 = time.perf_counter() - start
     totals, sparsities = group_sparsity(config, layer_groups, {n: w.numel() for n, w in weights.items()}, scores)
@@ -278,7 +262,7 @@ def ecoflap(model: nn.Module, config: ECoFLaPConfig, context: Context) -> Report
                           statistics=("hessian",) if config.local == "sparsegpt" else ("sq_sum",))
     report.stats.update({"order": config.order, "perturb": config.perturb if config.order == "zeroth" else None,
                          "grouping": config.grouping, "aggregate": config.aggregate, "max_sparsity": config.bound,
-                         "local": config.local, "score_windows": len(windows), "stage1_forward_passes": passes,
+                         "local": config.local, "score_windows": samples, "stage1_forward_passes": passes,
                          "stage1_seconds": round(stage1, 2), "stage2_seconds": round(time.perf_counter() - start, 2),
                          "group_scores": {g: float(f"{v:.4g}") for g, v in totals.items()},
                          "group_sparsity": sparsities})
