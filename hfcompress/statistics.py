@@ -123,7 +123,7 @@ class InputStatistics:
         return (self.sq_sum(name) / self.tokens(name) - mean.pow(2)).clamp_min(0)
 
 
-def add_gram_upper(gram: torch.Tensor | None, x: torch.Tensor, block: int = 128, *,
+def add_gram_upper(gram: torch.Tensor | None, x: torch.Tensor, block: int = 256, *,
                    bf16_values: bool = False) -> torch.Tensor:
     """gram (in, in) += x^T x for x (tokens, in) fp32, computing only the blocks on and above the diagonal (about 40 %
     fewer flops for wide layers); the lower triangle is left stale, so read it through `torch.triu`.

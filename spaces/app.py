@@ -92,7 +92,8 @@ def build_app() -> gr.Blocks:
                                                      "step)", interactive=False, lines=1, max_lines=24,
                               elem_id="recipe")
         with gr.Accordion("calibration", open=False, elem_id="calibration"):
-            calib_source = gr.Textbox("builtin", label="source: builtin, a datasets id, or a .txt/.jsonl path",
+            calib_source = gr.Textbox("builtin", label="source: builtin, a datasets id (image-caption pairs for CLIP "
+                                      "or LLaVA models), or a .txt/.jsonl path",
                                       elem_id="calib-source")
             n_samples = gr.Number(16, label="n_samples", precision=0, elem_id="n-samples")
             seq_len = gr.Number(256, label="seq_len", precision=0, elem_id="seq-len")

@@ -40,6 +40,46 @@ def test_default_loop_keeps_the_pattern_and_lowers_the_reconstruction_error(laye
     assert _error(weight, refined, x) <= _error(weight, again, x)   # more cycles never undo progress
 
 
+def _best_swap(w, c, diff, can_grow, can_prune, hessian, nm):
+    """One row's best (change, grow, prune) over every column: the definition the loop's search must meet."""
+    r = diff @ hessian
+    grow_gain = torch.where(can_grow, w.pow(2) * hessian.diagonal() - 2 * w * r, torch.inf)
+    prune_gain = torch.where(can_prune, c.pow(2) * hessian.diagonal() + 2 * c * r, torch.inf)
+    if nm is None:
+        g, p = int(grow_gain.argmin()), int(prune_gain.argmin())
+        return (grow_gain[g] + prune_gain[p] - 2 * w[g] * c[p] * hessian[g, p]).item(), g, p
+    group = int((grow_gain.view(-1, nm[1]).amin(1) + prune_gain.view(-1, nm[1]).amin(1)).argmin())
+    cols = range(group * nm[1], (group + 1) * nm[1])
+    return min(((grow_gain[g] + prune_gain[p] - 2 * w[g] * c[p] * hessian[g, p]).item(), g, p)
+               for g in cols for p in cols)
+
+
+def _reference_refine(dense, current, keep, hessian, nm, cycles):
+    """Row by row, swap by swap, searching every column."""
+    keep, swaps = keep.clone(), torch.zeros(len(dense), dtype=torch.long)
+    for i, (w, c) in enumerate(zip(dense, current, strict=True)):
+        diff, can_grow, can_prune = w - c, ~keep[i], keep[i].clone()
+        while swaps[i] < cycles:
+            change, g, p = _best_swap(w, c, diff, can_grow, can_prune, hessian, nm)
+            if not change < 0:
+                break
+            diff[g], diff[p] = 0.0, w[p]
+            can_grow[g], can_prune[p], keep[i, g], keep[i, p] = False, False, True, False
+            swaps[i] += 1
+    return keep, swaps
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_the_vectorized_loop_is_the_row_by_row_definition(layer, nm):
+    weight, x = layer
+    hessian = x.t() @ x
+    keep = keep_mask(wanda_score(weight, x.pow(2).sum(0)), 0.5, nm)
+    expected, expected_swaps = _reference_refine(weight, weight * keep, keep, hessian, nm, cycles=3)
+    refined, swaps = refine_mask(weight, weight * keep, keep, hessian, nm=nm, cycles=3)
+    assert torch.equal(refined, expected) and torch.equal(swaps, expected_swaps)
+    assert expected_swaps.min() < 3 == expected_swaps.max()           # some rows stop early, some run out of cycles
+
+
 def test_diagonal_estimate_needs_no_hessian_and_still_helps(layer):
     weight, x = layer
     keep = keep_mask(wanda_score(weight, x.pow(2).sum(0)), 0.5, None)

@@ -52,11 +52,12 @@ def test_cuda_and_cpu_give_the_same_result_and_the_model_stays_on_the_cpu(tiny, 
 
 @needs_gpu
 @pytest.mark.parametrize("method,options", [("wanda", {}), ("ecoflap", {"order": "zeroth", "perturb": "block",
-                                                                      "score_windows": 1})])
+                                                                      "score_windows": 1}),
+                                            ("ecoflap", {"score_windows": 1})])
 def test_peak_gpu_memory_is_about_one_block(tiny, tmp_path, method, options):
     """3.5 GB of weights on the CPU; the GPU holds the embeddings while the first block's inputs are captured, then
-    one block at a time, plus the (small) calibration activations. ECoFLaP's stage-1 passes stream the blocks the
-    same way."""
+    one block at a time, plus the (small) calibration activations. ECoFLaP's stage-1 passes (zeroth order) and its
+    backward pass (first order, the default) stream the blocks the same way."""
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096,

@@ -144,32 +144,35 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     diagonal = hessian.diagonal()
     residual = (dense - current) @ hessian                   # (out, in): r = (W - What) H
     # Growing column g changes W - What by a = -W_g, pruning column p by b = What_p; each alone changes the error
-    # by a (a H_gg + 2 r_g) and b (b H_pp + 2 r_p), the pair by their sum + 2 a b H_gp. Columns that are not
-    # candidates (kept for growing, pruned for pruning, or already swapped) carry +inf.
-    grow_base = torch.where(keep, torch.inf, dense.pow(2) * diagonal)
-    prune_base = torch.where(keep, current.pow(2) * diagonal, torch.inf)
+    # by a (a H_gg + 2 r_g) and b (b H_pp + 2 r_p), the pair by their sum + 2 a b H_gp. These gains are kept up
+    # to date rather than recomputed from r: a swap adds delta = a H[g] + b H[p] to r, so -2 W delta to every grow
+    # gain and 2 What delta to every prune gain. Columns that are not candidates (kept for growing, pruned for
+    # pruning, or already swapped) carry +inf.
+    grow_gain = torch.where(keep, torch.inf, dense * (dense * diagonal - 2 * residual))       # (out, in)
+    prune_gain = torch.where(keep, current * (current * diagonal + 2 * residual), torch.inf)
+    del residual
     ids = torch.arange(rows, device=dense.device)             # the rows still searching: the working set below
     searching = torch.ones(rows, dtype=torch.bool, device=dense.device)
     for _ in range(cycles):
-        grow_gain = torch.addcmul(grow_base, dense, residual, value=-2.0)     # (rows left, in)
-        prune_gain = torch.addcmul(prune_base, current, residual, value=2.0)
         change, grow, prune = best_pair(grow_gain, prune_gain, dense, current, hessian, nm)
         searching &= change < 0                               # no candidate left: inf
         if not searching.any():
             break
         at = torch.arange(len(ids), device=dense.device)
         a, b = -dense[at, grow] * searching, current[at, prune] * searching
-        # r_i += a_i H[g_i] + b_i H[p_i]: embedding_bag gathers and sums the two rows of H in one pass
-        residual += nn.functional.embedding_bag(torch.stack([grow, prune], 1), hessian, mode="sum",
-                                                per_sample_weights=torch.stack([a, b], 1))
+        # delta_i = a_i H[g_i] + b_i H[p_i]: embedding_bag gathers and sums the two rows of H in one pass
+        delta = nn.functional.embedding_bag(torch.stack([grow, prune], 1), hessian, mode="sum",
+                                            per_sample_weights=torch.stack([a, b], 1))
+        grow_gain.addcmul_(dense, delta, value=-2.0)
+        prune_gain.addcmul_(current, delta, value=2.0)
         local, grow, prune = at[searching], grow[searching], prune[searching]
         keep[ids[local], grow], keep[ids[local], prune] = True, False
-        grow_base[local, grow] = torch.inf                    # a swapped weight is not swapped back
-        prune_base[local, prune] = torch.inf
+        grow_gain[local, grow] = torch.inf                    # a swapped weight is not swapped back
+        prune_gain[local, prune] = torch.inf
         swaps[ids[local]] += 1
         if len(local) < 0.875 * len(ids):                     # drop the rows that stopped from the working set
-            ids, dense, current, residual, grow_base, prune_base, searching = (
-                t[local] for t in (ids, dense, current, residual, grow_base, prune_base, searching))
+            ids, dense, current, grow_gain, prune_gain, searching = (
+                t[local] for t in (ids, dense, current, grow_gain, prune_gain, searching))
     if order is not None:
         keep[:, order] = keep.clone()
     return keep, swaps

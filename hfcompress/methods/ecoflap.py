@@ -27,7 +27,8 @@ Why `first` is the default: on SmolLM2-135M at 60 % it gives 0.83x uniform Wanda
 every weight perturbed at once is no better than uniform, and per-tensor perturbation takes hours on a CPU.
 
 The zeroth-order passes stream the model: each block moves to the compute device only while it runs, so a model
-larger than the device is scored as it is pruned (`streamed.StreamedLoss`). Weights are perturbed in place and restored from a copy exactly.
+larger than the device is scored as it is pruned (`streamed.StreamedLoss`). Weights are perturbed in place and
+restored from a copy exactly.
 Departures from the paper: a causal LM's (or captioning model's) loss is taken per window or pair rather than per
 batch (more directions for the same passes; a contrastive loss needs the batch: all stage-1 samples at once); the
 stage-1 samples are the first `score_windows` calibration windows or image-caption pairs.
