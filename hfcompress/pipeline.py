@@ -42,7 +42,7 @@ from .loading import (
 from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict, options_text
 from .plots import block_bars, have_matplotlib, kept_rank_shares, layer_map, module_scores, sparsity_map
-from .preflight import preflight, resolve_defaults, source_structure
+from .preflight import calibration_line, preflight, resolve_defaults, source_structure
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, get_method
 from .resources import match_threads
@@ -161,12 +161,12 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     calibration: CalibrationData | None = None
     c, ev = recipe.calibration, recipe.evaluation
     calibrates = any(get_method(type(step).method).calibrates(step) for step in recipe.steps)
+    if calibrates:
+        log(calibration_line(c, resolved.family))
     if calibrates and resolved.family == "vision-language":  # image-caption pairs through the model's processor
-        log(f"calibration: {c.n_samples} image-caption pairs from {c.source}")
         calibration = load_image_text_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field,
                                                   c.image_field, c.split, c.subset)
     elif calibrates:
-        log(f"calibration: {c.n_samples} x {c.seq_len} tokens from {c.source}")
         calibration = load_calibration(tokenizer, c.source, c.n_samples, c.seq_len, c.seed, c.text_field, c.split,
                                        c.subset)
     if ev.enabled and calibration and evaluates_on_calibration_text(recipe):

@@ -17,7 +17,7 @@ from .formats.compressed_tensors import kernel_warning
 from .hub import check_push_target, check_token
 from .loading import ResolvedModel, model_skeleton, pick_device, resolve, torch_dtype
 from .options import options_text
-from .recipe import Recipe
+from .recipe import CalibrationSpec, Recipe
 from .registry import Report, get_method
 from .resources import GiB, check_memory, run_memory
 from .structure import Structure
@@ -136,6 +136,13 @@ def resolve_defaults(recipe: Recipe, resolved: ResolvedModel, device: torch.devi
         evaluation=dataclasses.replace(ev, seq_len=ev.seq_len or min(512, context)))
 
 
+def calibration_line(calibration: CalibrationSpec, family: str) -> str:
+    """What the run calibrates on, as the log and `--dry-run` say it."""
+    what = (f"{calibration.n_samples} image-caption pairs" if family == "vision-language"
+            else f"{calibration.n_samples} x {calibration.seq_len} tokens")
+    return f"calibration: {what} from {calibration.source}"
+
+
 def memory_parts(resolved: ResolvedModel, recipe: Recipe, device: torch.device) -> dict[str, int]:
     """What the run will hold in CPU memory, by part (see `resources.run_memory`)."""
     text = resolved.config.get_text_config()
@@ -162,8 +169,7 @@ def describe(checked: Preflight) -> str:
                for i, step in enumerate(recipe.steps)),
              "changes: " + (", ".join(f"{len(checked.planned.of_kind(kind))} modules {kind}"
                                       for kind in sorted(checked.planned.kinds)) or "none"),
-             f"calibration: {c.n_samples} x {c.seq_len} tokens from {c.source}" if calibrates else
-             "calibration: none needed",
+             calibration_line(c, resolved.family) if calibrates else "calibration: none needed",
              f"evaluation: {ev.n_windows} x {ev.seq_len} tokens of {ev.source}, before and after" if ev.enabled else
              "evaluation: off",
              f"output: {recipe.output.dir or '(not saved)'}" + (f", pushed to {recipe.output.push_to}"

@@ -43,9 +43,9 @@ def test_too_few_calibration_tokens(tiny, tmp_path, no_weights):
 
 
 def test_unsupported_architecture_names_the_supported_families(tiny, no_weights):
-    with pytest.raises(UnsupportedModelError, match="`wanda` does not support CLIPModel.*supports: `causal-lm`, "
+    with pytest.raises(UnsupportedModelError, match="`gptq` does not support CLIPModel.*supports: `causal-lm`, "
                                                     "`encoder`"):
-        _run(tiny("clip"))
+        _run(tiny("clip"), {"method": "gptq", "bits": 4})
 
 
 def test_nonexistent_local_path(no_weights):

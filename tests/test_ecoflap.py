@@ -2,8 +2,6 @@
 with first order when it perturbs little at a time; the RNG and the weights are left as they were), and the
 per-block ratios that stage 2 applies."""
 
-import json
-
 import pytest
 import torch
 
@@ -16,8 +14,7 @@ from hfcompress.methods import ecoflap
 from hfcompress.methods.ecoflap import allocate, directional_derivative, model_loss, zeroth_order_scores
 from hfcompress.sequential import find_linears, named_blocks, weight_matrix
 from hfcompress.streamed import StreamedLoss, streamed_gradient_sums
-from tests.test_methods import check_invariants
-from tests.tiny_models import fingerprint, image_folder, reloaded_outputs, same_outputs
+from tests.tiny_models import image_folder
 
 
 def _kept(sizes, ratios):
@@ -187,46 +184,3 @@ def test_an_encoder_is_scored_by_its_sentence_embedding_objective(tiny, order):
     single = CalibrationData(torch.randint(0, 1000, (1, 24)))
     with pytest.raises(HfCompressError, match="at least 2"):
         hfcompress.available_methods()["ecoflap"].transform(model, config, Context(calibration=single))
-
-
-def _image_text_recipe(model, images, out, **options):
-    return {"model": model, "steps": [{"method": "ecoflap", "sparsity": 0.5, "max_sparsity": 0.7, **options}],
-            "calibration": {"source": images, "n_samples": 4, "seq_len": 16}, "output": {"dir": str(out)}}
-
-
-@pytest.mark.parametrize("model_name,options", [("clip", {}), ("clip", {"order": "zeroth", "perturb": "tensor"}),
-                                                ("llava", {}), ("llava", {"order": "zeroth", "perturb": "block"})])
-def test_image_text_models_are_pruned_on_image_caption_pairs_and_reload(tiny, tmp_path, model_name, options):
-    images = image_folder(tmp_path / "images", 6)
-    result = hfcompress.compress(_image_text_recipe(tiny(model_name), images, tmp_path / "out", **options),
-                                 log=lambda line: None)
-    check_invariants("sparse", hfcompress.make_config("ecoflap", {"sparsity": 0.5, **options}), result)
-    stats = result.reports[0].stats
-    sparsity = stats["group_sparsity"]
-    assert any("vision" in g for g in sparsity) and any("vision" not in g for g in sparsity)  # both towers
-    assert len(set(sparsity.values())) > 1 and max(sparsity.values()) <= 0.7 + 1e-9
-    layers = [weight_matrix(m) for p, b in named_blocks(result.model) for m in find_linears(b, prefix=p).values()]
-    zeros = sum(int((w == 0).sum()) for w in layers) / sum(w.numel() for w in layers)
-    assert zeros == pytest.approx(0.5, abs=0.01)                     # tiny rows: rounding per row
-    scores = stats["group_scores"]
-    unused = {"model.vision_tower.encoder.layers.1"} if model_name == "llava" else set()
-    assert stats["score_windows"] == 4 and all((scores[g] == 0) == (g in unused) for g in scores)
-    assert all(sparsity[g] == pytest.approx(0.7) for g in unused)     # LLaVA reads the features of the block before
-    metadata = json.loads((tmp_path / "out" / "hfcompress.json").read_text())
-    assert metadata["calibration"]["image_text_pairs"] == 4 and metadata["steps"][0]["stats"]["group_sparsity"]
-    assert (tmp_path / "out" / "processor_config.json").exists()     # the processor travels with the model
-    expected = fingerprint(result.model)
-    for loader, reloaded in reloaded_outputs(str(tmp_path / "out"), tmp_path).items():
-        assert same_outputs(reloaded, expected), f"{loader}: {reloaded}"
-
-
-def test_an_image_text_model_without_images_is_refused_before_loading(tiny, tmp_path, monkeypatch):
-    def no_loading(*args, **kwargs):
-        raise AssertionError("loaded before refusing")
-
-    monkeypatch.setattr(hfcompress.pipeline, "load_tokenizer", no_loading)
-    text = tmp_path / "captions.jsonl"
-    text.write_text('{"text": "a cat"}\n')
-    for source in ("builtin", str(text)):
-        with pytest.raises(HfCompressError, match="holds text only; an image-text model calibrates on image-caption"):
-            hfcompress.compress(_image_text_recipe(tiny("llava"), source, tmp_path / "o"), log=lambda line: None)

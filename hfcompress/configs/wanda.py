@@ -18,7 +18,8 @@ class WandaConfig(PruningConfig):
 
 
 register(WandaConfig, transform="hfcompress.methods.wanda:wanda", check="hfcompress.sparsity:pruning_check",
-         paper="https://arxiv.org/abs/2306.11695", needs_calibration=True, supports=("causal-lm", "encoder"),
+         paper="https://arxiv.org/abs/2306.11695", needs_calibration=True,
+         supports=("causal-lm", "encoder", "vision-language"),
          changes="sparse",
          summary="Wanda: prune by weight magnitude times input activation norm, per output row; no weight "
                  "update.")

@@ -1,0 +1,82 @@
+"""Image-text models (CLIP, LLaVA) calibrated on image-caption pairs: pruned end to end with ecoflap, wanda and
+sparsegpt, reloaded in a fresh process with the same outputs; refused before loading without image data."""
+
+import json
+
+import pytest
+
+import hfcompress
+from hfcompress.errors import HfCompressError
+from hfcompress.sequential import find_linears, named_blocks, weight_matrix
+from tests.test_methods import check_invariants
+from tests.tiny_models import fingerprint, image_folder, reloaded_outputs, same_outputs
+
+
+def _image_text_recipe(model, images, out, method="ecoflap", **options):
+    options = {"max_sparsity": 0.7, **options} if method == "ecoflap" else options
+    return {"model": model, "steps": [{"method": method, "sparsity": 0.5, **options}],
+            "calibration": {"source": images, "n_samples": 4, "seq_len": 16}, "output": {"dir": str(out)}}
+
+
+def _reloads_the_same(result, out, tmp_path):
+    expected = fingerprint(result.model)
+    for loader, reloaded in reloaded_outputs(str(out), tmp_path).items():
+        assert same_outputs(reloaded, expected), f"{loader}: {reloaded}"
+
+
+@pytest.mark.parametrize("model_name,options", [("clip", {}), ("clip", {"order": "zeroth", "perturb": "tensor"}),
+                                                ("llava", {}), ("llava", {"order": "zeroth", "perturb": "block"})])
+def test_image_text_models_are_pruned_on_image_caption_pairs_and_reload(tiny, tmp_path, model_name, options):
+    images = image_folder(tmp_path / "images", 6)
+    result = hfcompress.compress(_image_text_recipe(tiny(model_name), images, tmp_path / "out", **options),
+                                 log=lambda line: None)
+    check_invariants("sparse", hfcompress.make_config("ecoflap", {"sparsity": 0.5, **options}), result)
+    stats = result.reports[0].stats
+    sparsity = stats["group_sparsity"]
+    assert any("vision" in g for g in sparsity) and any("vision" not in g for g in sparsity)  # both towers
+    assert len(set(sparsity.values())) > 1 and max(sparsity.values()) <= 0.7 + 1e-9
+    layers = [weight_matrix(m) for p, b in named_blocks(result.model) for m in find_linears(b, prefix=p).values()]
+    zeros = sum(int((w == 0).sum()) for w in layers) / sum(w.numel() for w in layers)
+    assert zeros == pytest.approx(0.5, abs=0.01)                     # tiny rows: rounding per row
+    scores = stats["group_scores"]
+    unused = {"model.vision_tower.encoder.layers.1"} if model_name == "llava" else set()
+    assert stats["score_windows"] == 4 and all((scores[g] == 0) == (g in unused) for g in scores)
+    assert all(sparsity[g] == pytest.approx(0.7) for g in unused)     # LLaVA reads the features of the block before
+    metadata = json.loads((tmp_path / "out" / "hfcompress.json").read_text())
+    assert metadata["calibration"]["image_text_pairs"] == 4 and metadata["steps"][0]["stats"]["group_sparsity"]
+    assert (tmp_path / "out" / "processor_config.json").exists()     # the processor travels with the model
+    _reloads_the_same(result, tmp_path / "out", tmp_path)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("model_name", ["clip", "llava"])
+def test_wanda_and_sparsegpt_prune_both_towers_on_image_caption_pairs(tiny, tmp_path, method, model_name):
+    images = image_folder(tmp_path / "images", 6)
+    result = hfcompress.compress(_image_text_recipe(tiny(model_name), images, tmp_path / "out", method),
+                                 log=lambda line: None)
+    check_invariants("sparse", hfcompress.make_config(method, {"sparsity": 0.5}), result)
+    pruned = {p for p, b in named_blocks(result.model) for m in find_linears(b).values()
+              if (weight_matrix(m) == 0).float().mean() > 0.49}
+    assert any("vision" in p for p in pruned) and any("vision" not in p for p in pruned)
+    _reloads_the_same(result, tmp_path / "out", tmp_path)
+
+
+def test_an_image_text_model_without_images_is_refused_before_loading(tiny, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before refusing")
+
+    monkeypatch.setattr(hfcompress.pipeline, "load_tokenizer", no_loading)
+    text = tmp_path / "captions.jsonl"
+    text.write_text('{"text": "a cat"}\n')
+    for source in ("builtin", str(text)):
+        with pytest.raises(HfCompressError, match="holds text only; an image-text model calibrates on image-caption"):
+            hfcompress.compress(_image_text_recipe(tiny("llava"), source, tmp_path / "o"), log=lambda line: None)
+
+
+def test_the_cli_takes_an_image_folder_and_says_what_it_calibrates_on(tiny, tmp_path, capsys):
+    from hfcompress.cli import main
+
+    images = image_folder(tmp_path / "images", 4)
+    code = main(["compress", tiny("llava"), "--method", "ecoflap", "--sparsity", "0.5", "--calib", images,
+                 "--image-field", "image", "--n-samples", "4", "--dry-run"])
+    assert code == 0 and "calibration: 4 image-caption pairs from " + images in capsys.readouterr().out
