@@ -30,7 +30,7 @@ MODEL_FAMILIES = ("causal-lm", "encoder", "seq2seq", "vision", "vision-language"
 # CLI two flags of one name, so the registry refuses it.
 RESERVED_OPTIONS = frozenset({
     "model", "method", "recipe", "no_eval", "revision", "dtype", "compute_dtype", "device", "trust_remote_code",
-    "calib", "source", "n_samples", "seq_len", "seed", "text_field", "split", "subset", "eval_source",
+    "calib", "source", "n_samples", "seq_len", "seed", "text_field", "image_field", "split", "subset", "eval_source",
     "eval_seq_len", "eval_windows", "eval_dtype", "eval_text_field", "eval_split", "eval_subset", "out", "dir",
     "overwrite", "push_to", "private", "to", "token", "help", "onnx", "allow_pickle", "export", "remeasure",
 })
