@@ -147,10 +147,10 @@ class CalibrationData:
 
     def batches(self, batch_size: int = 1) -> list[torch.Tensor | dict[str, torch.Tensor]]:
         """The samples in batches: token tensors (batch, seq_len) for text, processor dicts for image-text."""
-        starts = range(0, len(self.input_ids), batch_size)
         if not self.extra:
             return list(self.input_ids.split(batch_size))
-        return [self.batch(range(start, min(start + batch_size, len(self.input_ids)))) for start in starts]
+        count = len(self.input_ids)
+        return [self.batch(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
 
     def batch(self, rows: Iterable[int]) -> dict[str, torch.Tensor]:
         """The image-text samples `rows` as one batch, without the padding columns none of them uses (a single

@@ -186,7 +186,7 @@ def capture_stack_inputs(model: nn.Module, blocks: list[nn.Module], batches: lis
             earlier += [captured[i][batch][1] for i in {index - 1, 0} if 0 <= i < index]
             kwargs = shared_with(kwargs, *earlier)
             hidden = hidden_states_of(args, kwargs)
-            captured[index].append((args, kwargs) if index == 0 else _with_hidden_states(args, kwargs, None))
+            captured[index].append((args, kwargs) if index == 0 else with_hidden_states(args, kwargs, None))
             if index == len(blocks) - 1:
                 raise _StopForward
             if not first_output:
@@ -241,7 +241,7 @@ def with_hidden_output(output: Any, hidden: torch.Tensor | None) -> Any:
     return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
 
 
-def _with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+def with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
@@ -319,7 +319,7 @@ def run_blocks(
         for index, block in enumerate(tqdm(stack, desc=f"{desc} ({stack_name})", leave=False)):
             if on_block is not None:
                 on_block(done, total, f"{stack_name}.{index}")
-            inputs = captured[index] if index == 0 else [_with_hidden_states(args, kwargs, hidden) for
+            inputs = captured[index] if index == 0 else [with_hidden_states(args, kwargs, hidden) for
                                                          (args, kwargs), hidden in zip(captured[index], outputs,
                                                                                        strict=True)]
             captured[index] = []

@@ -28,6 +28,7 @@ from .sequential import (
     move_outer,
     onloaded_blocks,
     with_hidden_output,
+    with_hidden_states,
 )
 
 Loss = Callable[[nn.Module, Batch], torch.Tensor]
@@ -65,15 +66,13 @@ class StreamedLoss:
         replayed = self.blocks[:self.blocks.index(start)] if start in self.blocks else []
         for block in replayed:
             block.forward = lambda *args, out=self.outputs[index][block], **kwargs: move(out, self.device)
+        running = [b for b in self.blocks if b not in replayed]
         try:
-            with self.outer_on_device(), onloaded_blocks([b for b in self.blocks if b not in replayed], self.device):
+            with outer_on(self.model, self.device), onloaded_blocks(running, self.device):
                 return self.loss(self.model, move(self.batches[index], self.device)).item()
         finally:
             for block in replayed:
                 block.__dict__.pop("forward", None)        # the class's forward again
-
-    def outer_on_device(self) -> Iterator[None]:
-        return outer_on(self.model, self.device)
 
 
 @contextmanager
@@ -85,17 +84,6 @@ def outer_on(model: nn.Module, device: torch.device) -> Iterator[None]:
         yield
     finally:
         move_outer(model, home)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    """`value` on `device`, keeping the autograd graph (unlike `move`, which detaches)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def streamed_gradient_sums(model: nn.Module, batches: list[Batch], device: torch.device, loss: Loss,
@@ -138,13 +126,13 @@ def _block_gradients(recorder: StreamedLoss, owner: dict[int, str]) -> dict[str,
     def replay(block: nn.Module) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             inputs[block] = (args, kwargs)
-            return with_hidden_output(move(outputs[block], device), _to(leaves[block], device))
+            return with_hidden_output(move(outputs[block], device), leaves[block].to(device))  # keeps the graph
         return forward
 
     for block in order:
         block.forward = replay(block)
     try:
-        with torch.enable_grad(), recorder.outer_on_device():
+        with torch.enable_grad(), outer_on(model, device):
             total = recorder.loss(model, move(recorder.batches[0], device))
             total.backward(retain_graph=True)             # into the leaves the code outside the blocks reads
             sums: dict[str, float] = {}
@@ -164,8 +152,7 @@ def _backward_through(block: nn.Module, args: tuple, kwargs: dict, grad_output: 
     weights' sum |grad|, and the input's gradient pushed on into the graph its input came from."""
     given = hidden_states_of(args, kwargs)
     hidden = given.detach().requires_grad_(given.requires_grad)
-    args, kwargs = move(args, device), move(kwargs, device)          # the rest detached: masks, rotary tables
-    args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+    args, kwargs = with_hidden_states(move(args, device), move(kwargs, device), hidden)  # the rest detached
     home = device_of(block)
     block.to(device)
     try:
