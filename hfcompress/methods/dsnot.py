@@ -134,72 +134,84 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     Returns the refined keep mask and the number of swaps of each row (out,).
     """
     rows, cols = dense.shape
-    order = None
     if nm is not None:  # columns reordered so that column m * G + g is entry m of group g: (rows, M, G) views
-        order = torch.arange(cols, device=dense.device).reshape(cols // nm[1], nm[1]).T.flatten()
-        dense, current, keep = dense[:, order], current[:, order], keep[:, order]
-        hessian = hessian[order][:, order]
-    keep = keep.clone()
-    swaps = torch.zeros(rows, dtype=torch.long, device=dense.device)
-    diagonal = hessian.diagonal()
-    residual = (dense - current) @ hessian                   # (out, in): r = (W - What) H
-    # Growing column g changes W - What by a = -W_g, pruning column p by b = What_p; each alone changes the error
-    # by a (a H_gg + 2 r_g) and b (b H_pp + 2 r_p), the pair by their sum + 2 a b H_gp. These gains are kept up
-    # to date rather than recomputed from r: a swap adds delta = a H[g] + b H[p] to r, so -2 W delta to every grow
-    # gain and 2 What delta to every prune gain. Columns that are not candidates (kept for growing, pruned for
-    # pruning, or already swapped) carry +inf.
-    grow_gain = torch.where(keep, torch.inf, dense * (dense * diagonal - 2 * residual))       # (out, in)
-    prune_gain = torch.where(keep, current * (current * diagonal + 2 * residual), torch.inf)
+        dense, current, keep = (entry_major(t, nm[1]) for t in (dense, current, keep))
+        hessian = entry_major(entry_major(hessian, nm[1]).t(), nm[1])          # H[P][:, P]: H is symmetric
+    # Growing column g moves W - What by a = -W_g, pruning column p by b = What_p: `moved` (rows, 2, in) holds both
+    # for every column. With r = (W - What) H, each alone changes the error by a (a H_gg + 2 r_g) and
+    # b (b H_pp + 2 r_p), the pair by their sum + 2 a b H_gp. `gains` (rows, 2, in) keeps the single changes up to
+    # date rather than recomputing r: a swap adds delta = a H[g] + b H[p] to r, so 2 moved * delta to every gain.
+    # Columns that are not candidates (kept for growing, pruned for pruning, or already swapped) carry +inf.
+    moved = torch.stack([-dense, current], dim=1)
+    residual = ((dense - current) @ hessian).unsqueeze(1).mul_(2)                # (rows, 1, in): 2 r
+    gains = torch.addcmul(residual, moved, hessian.diagonal()).mul_(moved)
     del residual
+    # not a candidate: + inf, by arithmetic (0 or 1, times max, times 2): on a CPU a select with a scattered boolean
+    # mask is 5-10x slower, and so is converting bool to float other than through uint8
+    barred = torch.stack([keep, ~keep], dim=1).view(torch.uint8).to(gains.dtype)
+    gains.add_(barred.mul_(torch.finfo(gains.dtype).max).mul_(2))
+    del barred
     ids = torch.arange(rows, device=dense.device)             # the rows still searching: the working set below
     searching = torch.ones(rows, dtype=torch.bool, device=dense.device)
+    taken = []                                                # per cycle: (working rows, (grow, prune), accepted)
     for _ in range(cycles):
-        change, grow, prune = best_pair(grow_gain, prune_gain, dense, current, hessian, nm)
-        searching &= change < 0                               # no candidate left: inf
-        if not searching.any():
+        change, chosen, amounts = best_pair(gains, moved, hessian, nm)
+        searching = searching & (change < 0)                  # no candidate left: inf
+        active = int(searching.sum())
+        if not active:
             break
-        at = torch.arange(len(ids), device=dense.device)
-        a, b = -dense[at, grow] * searching, current[at, prune] * searching
         # delta_i = a_i H[g_i] + b_i H[p_i]: embedding_bag gathers and sums the two rows of H in one pass
-        delta = nn.functional.embedding_bag(torch.stack([grow, prune], 1), hessian, mode="sum",
-                                            per_sample_weights=torch.stack([a, b], 1))
-        grow_gain.addcmul_(dense, delta, value=-2.0)
-        prune_gain.addcmul_(current, delta, value=2.0)
-        local, grow, prune = at[searching], grow[searching], prune[searching]
-        keep[ids[local], grow], keep[ids[local], prune] = True, False
-        grow_gain[local, grow] = torch.inf                    # a swapped weight is not swapped back
-        prune_gain[local, prune] = torch.inf
-        swaps[ids[local]] += 1
-        if len(local) < 0.875 * len(ids):                     # drop the rows that stopped from the working set
-            ids, dense, current, grow_gain, prune_gain, searching = (
-                t[local] for t in (ids, dense, current, grow_gain, prune_gain, searching))
-    if order is not None:
-        keep[:, order] = keep.clone()
+        delta = nn.functional.embedding_bag(chosen, hessian, mode="sum",
+                                            per_sample_weights=amounts * searching.unsqueeze(1))
+        gains.addcmul_(moved, delta.unsqueeze(1), value=2.0)
+        gains.scatter_(2, chosen.unsqueeze(2), torch.inf)     # a swapped weight is not swapped back
+        taken.append((ids, chosen, searching))
+        if active < 0.875 * len(ids):                         # drop the rows that stopped from the working set
+            local = searching.nonzero().squeeze(1)
+            ids, gains, moved, searching = (t.index_select(0, local) for t in (ids, gains, moved, searching))
+    keep, swaps = keep.clone(), torch.zeros(rows, dtype=torch.long, device=dense.device)
+    if taken:
+        accepted = torch.cat([ok for _, _, ok in taken])
+        at = torch.cat([i for i, _, _ in taken])[accepted]
+        grow, prune = torch.cat([c for _, c, _ in taken])[accepted].unbind(1)
+        keep[at, grow], keep[at, prune] = True, False         # each column moves at most once
+        swaps = torch.bincount(at, minlength=rows)
+    if nm is not None:
+        keep = keep.unflatten(1, (nm[1], -1)).transpose(1, 2).flatten(1)
     return keep, swaps
 
 
-def best_pair(grow_gain: torch.Tensor, prune_gain: torch.Tensor, dense: torch.Tensor, current: torch.Tensor,
-              hessian: torch.Tensor, nm: tuple[int, int] | None) -> tuple[torch.Tensor, ...]:
-    """Per row: (error change, grow column, prune column) of the pair to try. Unstructured: the best column to
-    grow and the best to prune. N:M (columns in the (rows, M, G) order of `refine_mask`): the group whose best
-    grow plus best prune gains most, then the exact best pair within it, cross term included."""
-    rows, cols = grow_gain.shape
+def entry_major(columns: torch.Tensor, m: int) -> torch.Tensor:
+    """(rows, in) with its columns reordered so that column j * G + g holds entry j of group g of M (G = in / M),
+    a copy: each group's entries lie G apart, so (rows, M, G) views reduce over a group along a middle dimension."""
+    return columns.unflatten(1, (-1, m)).transpose(1, 2).flatten(1)
+
+
+def best_pair(gains: torch.Tensor, moved: torch.Tensor, hessian: torch.Tensor,
+              nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of the (rows, 2, in) `gains` and `moved` of `refine_mask`: the error change of the pair to try
+    (rows,), its (grow, prune) columns (rows, 2) and their (a, b) (rows, 2). Unstructured: the best column to grow
+    and the best to prune. N:M (columns in the (rows, M, G) order of `refine_mask`): the group whose best grow plus
+    best prune gains most, then the exact best pair within it, cross term included."""
+    rows, _, cols = gains.shape
     if nm is None:
-        grow_change, grow = row_min(grow_gain)
-        prune_change, prune = row_min(prune_gain)
-        at = torch.arange(rows, device=grow.device)
-        cross = 2 * dense[at, grow] * current[at, prune] * hessian[grow, prune]
-        return grow_change + prune_change - cross, grow, prune
+        single, columns = row_min(gains.view(2 * rows, cols))
+        chosen = columns.view(rows, 2)
+        amounts = moved.view(2 * rows, cols).gather(1, columns.unsqueeze(1)).view(rows, 2)
+        cross = 2 * amounts.prod(dim=1) * hessian.view(-1)[chosen[:, 0] * cols + chosen[:, 1]]
+        return single.view(rows, 2).sum(dim=1) + cross, chosen, amounts
     # amin over a non-inner dimension is vectorized; a min that also returns indices over dims this small is not
-    groups = cols // nm[1]
-    per_group = grow_gain.view(rows, nm[1], groups).amin(dim=1) + prune_gain.view(rows, nm[1], groups).amin(dim=1)
-    members = row_min(per_group)[1].unsqueeze(1) + groups * torch.arange(nm[1], device=grow_gain.device)
-    a, b = -dense.gather(1, members), current.gather(1, members)                # (rows, M): the best group
-    cross = 2 * a.unsqueeze(2) * b.unsqueeze(1) * hessian[members.unsqueeze(2), members.unsqueeze(1)]   # (rows, M, M)
-    pair = grow_gain.gather(1, members).unsqueeze(2) + prune_gain.gather(1, members).unsqueeze(1) + cross
+    m, groups = nm[1], cols // nm[1]
+    per_group = gains.view(rows, 2, m, groups).amin(dim=2).sum(dim=1)                      # (rows, G)
+    members = row_min(per_group)[1].unsqueeze(1) + groups * torch.arange(m, device=gains.device)  # (rows, M)
+    at = members.unsqueeze(1).expand(rows, 2, m)
+    single, amount = gains.gather(2, at), moved.gather(2, at)                              # (rows, 2, M)
+    pair = (single[:, 0].unsqueeze(2) + single[:, 1].unsqueeze(1)                         # (rows, M grow, M prune)
+            + 2 * amount[:, 0].unsqueeze(2) * amount[:, 1].unsqueeze(1)
+            * hessian[members.unsqueeze(2), members.unsqueeze(1)])
     change, best = pair.view(rows, -1).min(dim=1)
-    return change, members.gather(1, (best // nm[1]).unsqueeze(1)).squeeze(1), \
-        members.gather(1, (best % nm[1]).unsqueeze(1)).squeeze(1)
+    within = torch.stack([best // m, best % m], dim=1)                                     # (rows, 2) in 0..M-1
+    return change, members.gather(1, within), amount.gather(2, within.unsqueeze(2)).squeeze(2)
 
 
 def row_min(values: torch.Tensor, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,10 +221,12 @@ def row_min(values: torch.Tensor, width: int = 64) -> tuple[torch.Tensor, torch.
     rows, cols = values.shape
     if cols <= width:
         return values.min(dim=1)
+    width = next((w for w in range(width, width // 2, -1) if cols % w == 0), width)  # no padding copy if it can
     padded = nn.functional.pad(values, (0, -cols % width), value=torch.inf) if cols % width else values
     chunks = padded.view(rows, -1, width)                                         # (rows, chunks, width)
     best = chunks.amin(dim=2).min(dim=1).indices                                  # the first chunk holding the min
-    value, offset = chunks[torch.arange(rows, device=values.device), best].min(dim=1)
+    at = best + chunks.shape[1] * torch.arange(rows, device=values.device)        # its index among rows x chunks
+    value, offset = chunks.view(-1, width).index_select(0, at).min(dim=1)
     return value, best * width + offset
 
 
