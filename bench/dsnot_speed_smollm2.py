@@ -15,7 +15,6 @@ Writes bench/results/dsnot_speed_smollm2.{json,md}.
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import time
 
 import torch
 from sparsity_vs_llmcompressor import RESULTS, common_parser, prepare
+from timing import seconds_in, time_parts
 
 import hfcompress
 import hfcompress.methods.dsnot as dsnot_module
@@ -32,19 +32,6 @@ from hfcompress.context import Context
 from hfcompress.loading import load_model, native_bf16
 
 PARTS = {"hessian": (statistics_module, "add_gram_upper"), "swap search": (dsnot_module, "refine_mask")}
-seconds_in: dict[str, float] = {}
-
-
-def timed(part: str, function):
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            seconds_in[part] = seconds_in.get(part, 0.0) + time.perf_counter() - start
-
-    return wrapper
 
 
 def main() -> None:
@@ -53,8 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     _, _, resolved, calibration, _, _ = prepare(args, llmc=False)
-    for part, (module, name) in PARTS.items():
-        setattr(module, name, timed(part, getattr(module, name)))
+    time_parts(PARTS)
     device, rows = torch.device("cpu"), []
     for setting in args.settings.split(","):
         options = {"pattern": setting} if ":" in setting else {"sparsity": float(setting)}

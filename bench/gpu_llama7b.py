@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ import time
 
 import torch
 import transformers
+from timing import seconds_in, synchronize, time_parts
 
 import hfcompress
 import hfcompress.methods.dsnot as dsnot_module
@@ -40,27 +40,6 @@ RUNS = {"wanda": ("wanda", {"sparsity": 0.6}), "dsnot": ("dsnot", {"sparsity": 0
         "ecoflap": ("ecoflap", {"sparsity": 0.6})}
 PARTS = {"capture": (sequential_module, "capture_stack_inputs"), "hessian": (statistics_module, "add_gram_upper"),
          "swap search": (dsnot_module, "refine_mask")}
-seconds_in: dict[str, float] = {}
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(part: str, function):
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        synchronize()
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            synchronize()
-            seconds_in[part] = seconds_in.get(part, 0.0) + time.perf_counter() - start
-
-    return wrapper
-
 
 def random_model(shape: str) -> transformers.LlamaForCausalLM:
     """The model's modules without running their initializers (minutes at 7 B), weights filled by `refill`."""
@@ -97,8 +76,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--runs", default=",".join(RUNS))
     args = parser.parse_args()
-    for part, (module, name) in PARTS.items():
-        setattr(module, name, timed(part, getattr(module, name)))
+    time_parts(PARTS)
     device = torch.device(args.device)
     start = time.perf_counter()
     model = random_model(args.shape)

@@ -44,7 +44,7 @@ from .options import config_to_dict, options_text
 from .plots import block_bars, have_matplotlib, kept_rank_shares, layer_map, module_scores, sparsity_map
 from .preflight import calibration_line, preflight, resolve_defaults, source_structure
 from .recipe import EvaluationSpec, ModelSpec, Recipe
-from .registry import Report, get_method
+from .registry import Report, calibrating_steps, get_method
 from .resources import match_threads
 from .sequential import named_blocks
 from .structure import Structure
@@ -160,7 +160,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
 
     calibration: CalibrationData | None = None
     c, ev = recipe.calibration, recipe.evaluation
-    calibrates = any(get_method(type(step).method).calibrates(step) for step in recipe.steps)
+    calibrates = calibrating_steps(recipe.steps) > 0
     if calibrates:
         log(calibration_line(c, resolved.family))
     if calibrates and resolved.family == "vision-language":  # image-caption pairs through the model's processor

@@ -18,7 +18,7 @@ from .hub import check_push_target, check_token
 from .loading import ResolvedModel, model_skeleton, pick_device, resolve, torch_dtype
 from .options import options_text
 from .recipe import CalibrationSpec, Recipe
-from .registry import Report, get_method
+from .registry import Report, calibrating_steps, get_method
 from .resources import GiB, check_memory, run_memory
 from .structure import Structure
 
@@ -44,7 +44,7 @@ def preflight(recipe: Recipe, token: str | None = None, log: Callable[[str], Non
                        allow_pickle=recipe.model.allow_pickle)
     source = source_structure(resolved)  # read once: planning and the run both start from it
     planned = plan(resolved, recipe, source)
-    if resolved.family == "vision-language" and any(get_method(type(s).method).calibrates(s) for s in recipe.steps):
+    if resolved.family == "vision-language" and calibrating_steps(recipe.steps):
         check_image_text_source(recipe.calibration.source)
     if recipe.export.onnx:
         from .export import check_family
@@ -146,7 +146,7 @@ def calibration_line(calibration: CalibrationSpec, family: str) -> str:
 def memory_parts(resolved: ResolvedModel, recipe: Recipe, device: torch.device) -> dict[str, int]:
     """What the run will hold in CPU memory, by part (see `resources.run_memory`)."""
     text = resolved.config.get_text_config()
-    calibrates = any(get_method(type(step).method).calibrates(step) for step in recipe.steps)
+    calibrates = calibrating_steps(recipe.steps) > 0
     loaded = torch_dtype(recipe.model.dtype, device)
     weight_bytes = loaded.itemsize if isinstance(loaded, torch.dtype) else (resolved.dtype or torch.float32).itemsize
     evaluates = recipe.evaluation.enabled and resolved.family == "causal-lm"
@@ -162,7 +162,7 @@ def describe(checked: Preflight) -> str:
     output, the memory by part."""
     recipe, resolved = checked.recipe, checked.resolved
     c, ev = recipe.calibration, recipe.evaluation
-    calibrates = any(get_method(type(step).method).calibrates(step) for step in recipe.steps)
+    calibrates = calibrating_steps(recipe.steps) > 0
     parameters = sum(p.numel() for p in model_skeleton(resolved).parameters())
     lines = [f"model: {recipe.model.id} ({resolved.family}, {parameters / 1e6:.1f} M parameters), on {checked.device}",
              *(f"step {i + 1}: {get_method(type(step).method).name} ({options_text(step)})"
@@ -179,7 +179,7 @@ def describe(checked: Preflight) -> str:
              + ", ".join(f"{name} {size / GiB:.2f}" for name, size in checked.memory.items()) + ")"]
     # time: forward passes only (2 FLOPs per parameter and token), two over the calibration tokens per calibrating
     # step, one over the evaluation tokens before and after, at the matmul speed measured here just now
-    tokens = 2 * c.n_samples * c.seq_len * sum(get_method(type(s).method).calibrates(s) for s in recipe.steps)
+    tokens = 2 * c.n_samples * c.seq_len * calibrating_steps(recipe.steps)
     tokens += 2 * (ev.n_windows or 32) * ev.seq_len if ev.enabled and resolved.family == "causal-lm" else 0
     flops = matmul_speed(checked.device)
     lines.append(f"time: at least {2 * parameters * tokens / flops / 60:.1f} min of forward passes at "

@@ -211,6 +211,11 @@ def get_method(name: str) -> MethodSpec:
     return methods[name]
 
 
+def calibrating_steps(steps) -> int:
+    """How many of a recipe's steps (method configs) read the calibration data."""
+    return sum(get_method(type(step).method).calibrates(step) for step in steps)
+
+
 def methods_table() -> str:
     """Markdown table of the registered methods (printed by `hfcompress methods`, embedded in the README)."""
     rows = ["| method | what it does | paper | calibration | models |", "|---|---|---|---|---|"]
