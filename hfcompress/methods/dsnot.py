@@ -134,6 +134,7 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     Returns the refined keep mask and the number of swaps of each row (out,).
     """
     rows, cols = dense.shape
+    hessian = hessian.contiguous()                            # rows gathered and entries taken through a flat view
     if nm is not None:  # columns reordered so that column m * G + g is entry m of group g: (rows, M, G) views
         dense, current, keep = (entry_major(t, nm[1]) for t in (dense, current, keep))
         hessian = entry_major(entry_major(hessian, nm[1]).t(), nm[1])          # H[P][:, P]: H is symmetric
