@@ -1,5 +1,5 @@
-"""Image-text models (CLIP, LLaVA) calibrated on image-caption pairs: pruned end to end with ecoflap, wanda and
-sparsegpt, reloaded in a fresh process with the same outputs; refused before loading without image data."""
+"""Image-text models (CLIP, LLaVA) calibrated on image-caption pairs: pruned end to end with ecoflap, wanda,
+sparsegpt and dsnot, reloaded in a fresh process with the same outputs; refused before loading without image data."""
 
 import json
 
@@ -48,9 +48,9 @@ def test_image_text_models_are_pruned_on_image_caption_pairs_and_reload(tiny, tm
     _reloads_the_same(result, tmp_path / "out", tmp_path)
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "dsnot"])
 @pytest.mark.parametrize("model_name", ["clip", "llava"])
-def test_wanda_and_sparsegpt_prune_both_towers_on_image_caption_pairs(tiny, tmp_path, method, model_name):
+def test_wanda_sparsegpt_and_dsnot_prune_both_towers_on_image_caption_pairs(tiny, tmp_path, method, model_name):
     images = image_folder(tmp_path / "images", 6)
     result = hfcompress.compress(_image_text_recipe(tiny(model_name), images, tmp_path / "out", method),
                                  log=lambda line: None)
@@ -58,6 +58,8 @@ def test_wanda_and_sparsegpt_prune_both_towers_on_image_caption_pairs(tiny, tmp_
     pruned = {p for p, b in named_blocks(result.model) for m in find_linears(b).values()
               if (weight_matrix(m) == 0).float().mean() > 0.49}
     assert any("vision" in p for p in pruned) and any("vision" not in p for p in pruned)
+    if method == "dsnot":                                               # the masks were refined, not only Wanda's
+        assert result.reports[0].stats["mean_swaps_per_row"] > 0
     _reloads_the_same(result, tmp_path / "out", tmp_path)
 
 

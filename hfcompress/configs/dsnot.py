@@ -44,7 +44,7 @@ class DSnoTConfig(PruningConfig):
 
 
 register(DSnoTConfig, transform="hfcompress.methods.dsnot:dsnot", check="hfcompress.sparsity:pruning_check",
-         paper="https://arxiv.org/abs/2310.08915", needs_calibration=True, supports=("causal-lm", "encoder"),
-         changes="sparse",
+         paper="https://arxiv.org/abs/2310.08915", needs_calibration=True,
+         supports=("causal-lm", "encoder", "vision-language"), changes="sparse",
          summary="DSnoT: refine a Wanda, magnitude or SparseGPT mask by prune-and-grow swaps within each row,"
                  " no training.")
