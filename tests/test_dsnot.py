@@ -80,6 +80,22 @@ def test_the_vectorized_loop_is_the_row_by_row_definition(layer, nm):
     assert expected_swaps.min() < 3 == expected_swaps.max()           # some rows stop early, some run out of cycles
 
 
+@pytest.mark.parametrize("nm", [None, (4, 8)])
+def test_the_loop_is_the_definition_on_wide_rows_updated_weights_and_a_dead_channel(nm):
+    """Rows wider than row_min's chunks, SparseGPT-like kept weights (not the dense ones) and an input channel that
+    is always 0 (zero row and column of H): still the row-by-row definition."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 160, generator=generator, dtype=torch.float64) * torch.rand(160, generator=generator) + 0.3
+    x[:, 7] = 0.0
+    weight = torch.randn(12, 160, generator=generator, dtype=torch.float64)
+    hessian = x.t() @ x
+    keep = keep_mask(wanda_score(weight, hessian.diagonal()), 0.6 if nm is None else 0.5, nm)
+    current = (weight + 0.1 * torch.randn(12, 160, generator=generator, dtype=torch.float64)) * keep
+    expected, expected_swaps = _reference_refine(weight, current, keep, hessian, nm, cycles=6)
+    refined, swaps = refine_mask(weight, current, keep, hessian, nm=nm, cycles=6)
+    assert torch.equal(refined, expected) and torch.equal(swaps, expected_swaps) and swaps.sum() > 0
+
+
 def test_diagonal_estimate_needs_no_hessian_and_still_helps(layer):
     weight, x = layer
     keep = keep_mask(wanda_score(weight, x.pow(2).sum(0)), 0.5, None)

@@ -129,7 +129,7 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
         dense: the dense weight W (out, in), fp32; a grown weight takes its value from here.
         current: the pruned weight What (out, in) (zeros where pruned; SparseGPT's updates where kept).
         keep: the initial keep mask (out, in).
-        hessian: X^T X (in, in) of the calibration inputs, or an estimate of it.
+        hessian: X^T X (in, in) of the calibration inputs, or an estimate of it; symmetric.
 
     Returns the refined keep mask and the number of swaps of each row (out,).
     """
@@ -137,7 +137,7 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     hessian = hessian.contiguous()                            # rows gathered and entries taken through a flat view
     if nm is not None:  # columns reordered so that column m * G + g is entry m of group g: (rows, M, G) views
         dense, current, keep = (entry_major(t, nm[1]) for t in (dense, current, keep))
-        hessian = entry_major(entry_major(hessian, nm[1]).t(), nm[1])          # H[P][:, P]: H is symmetric
+        hessian = entry_major(entry_major(hessian, nm[1]).t(), nm[1]).contiguous()  # H[P][:, P], H symmetric
     # Growing column g moves W - What by a = -W_g, pruning column p by b = What_p: `moved` (rows, 2, in) holds both
     # for every column. With r = (W - What) H, each alone changes the error by a (a H_gg + 2 r_g) and
     # b (b H_pp + 2 r_p), the pair by their sum + 2 a b H_gp. `gains` (rows, 2, in) keeps the single changes up to
@@ -183,8 +183,8 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
 
 
 def entry_major(columns: torch.Tensor, m: int) -> torch.Tensor:
-    """(rows, in) with its columns reordered so that column j * G + g holds entry j of group g of M (G = in / M),
-    a copy: each group's entries lie G apart, so (rows, M, G) views reduce over a group along a middle dimension."""
+    """(rows, in) with its columns reordered so that column j * G + g holds entry j of group g of M (G = in / M):
+    each group's entries lie G apart, so (rows, M, G) views reduce over a group along a middle dimension."""
     return columns.unflatten(1, (-1, m)).transpose(1, 2).flatten(1)
 
 
@@ -217,8 +217,9 @@ def best_pair(gains: torch.Tensor, moved: torch.Tensor, hessian: torch.Tensor,
 
 def row_min(values: torch.Tensor, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """`values.min(dim=1)` of a (rows, cols) tensor, the first index on ties, about 3x faster on a CPU: torch's
-    index-returning min is not vectorized there and `amin` is, so `amin` finds the best chunk of `width` columns
-    of each row and the index-returning min then searches that chunk alone."""
+    index-returning min is not vectorized there and `amin` is, so `amin` finds the best chunk of columns of each row
+    and the index-returning min then searches that chunk alone. Chunks are `width` columns at most: the widest
+    that divides `cols` from `width / 2 + 1` up, else `width` with the row padded."""
     rows, cols = values.shape
     if cols <= width:
         return values.min(dim=1)
