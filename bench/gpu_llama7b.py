@@ -44,9 +44,14 @@ PARTS = {"capture": (sequential_module, "capture_stack_inputs"), "hessian": (sta
 def random_model(shape: str) -> transformers.LlamaForCausalLM:
     """The model's modules without running their initializers (minutes at 7 B), weights filled by `refill`."""
     config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)          # allocated in bf16 at once: no fp32 copy (27 GB at 7 B)
+    try:
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device="cpu")
     model.model.rotary_emb = type(model.model.rotary_emb)(config)    # its buffers are computed, not loaded
     return model.eval()
 
