@@ -177,8 +177,8 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
         grow, prune = torch.cat([c for _, c, _ in taken])[accepted].unbind(1)
         keep[at, grow], keep[at, prune] = True, False         # each column moves at most once
         swaps = torch.bincount(at, minlength=rows)
-    if nm is not None:
-        keep = keep.unflatten(1, (nm[1], -1)).transpose(1, 2).flatten(1)
+    if nm is not None:                                        # back to the columns' own order: the inverse regrouping
+        keep = entry_major(keep, cols // nm[1])
     return keep, swaps
 
 
