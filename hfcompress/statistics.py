@@ -82,7 +82,7 @@ class InputStatistics:
         if "sq_sum" in self.want:
             acc["sq_sum"] = acc.get("sq_sum", 0) + x.pow(2).sum(dim=0)
         if "hessian" in self.want:
-            acc["hessian_upper"] = add_gram_upper(acc.get("hessian_upper"), x, bf16_values=bf16_values)
+            acc.setdefault("gram", GramAccumulator()).add(x, bf16_values=bf16_values)
 
     def _get(self, name: str, what: str) -> torch.Tensor:
         if what not in self.want:
@@ -105,9 +105,8 @@ class InputStatistics:
         if "hessian" not in self.want:
             return self._get(name, "hessian")
         acc = self.values[self.owner[name]]
-        if "hessian" not in acc:  # mirrored once, on first use
-            upper = acc.pop("hessian_upper")
-            acc["hessian"] = torch.triu(upper) + torch.triu(upper, 1).t()
+        if "hessian" not in acc:  # completed once, on first use
+            acc["hessian"] = acc.pop("gram").result()
         return acc["hessian"]
 
     def window_variance(self, name: str) -> torch.Tensor:
@@ -121,6 +120,45 @@ class InputStatistics:
         """Population variance per input channel, clamped at 0 against rounding."""
         mean = self.mean(name)
         return (self.sq_sum(name) / self.tokens(name) - mean.pow(2)).clamp_min(0)
+
+
+class GramAccumulator:
+    """X^T X (in, in) in fp32 of token chunks x (tokens, in) added one by one, multiplied in batches of about
+    `batch_tokens` rows: one calibration window (512 tokens) makes a product too thin to run at full speed (on 2 CPU
+    cores, 576- and 1536-wide grams of 4096-token batches take about 15 % less time than of 512-token ones)."""
+
+    def __init__(self, batch_tokens: int = 4096, max_bytes: int = 64 << 20) -> None:
+        self.batch_tokens, self.max_bytes = batch_tokens, max_bytes
+        self.upper: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None     # (batch, in) buffer, its first `filled` rows waiting
+        self.filled = 0
+        self.bf16_values = True                      # every value buffered is a bf16 number
+
+    def add(self, x: torch.Tensor, *, bf16_values: bool = False) -> None:
+        """Add x (tokens, in) fp32; it is copied, never held."""
+        if self.pending is None:
+            rows = max(1, min(self.batch_tokens, self.max_bytes // (4 * x.shape[1])))
+            self.pending = x.new_empty(rows, x.shape[1])
+        if self.filled + x.shape[0] > self.pending.shape[0]:
+            self.flush()
+        if x.shape[0] > self.pending.shape[0]:        # wider than the buffer: multiplied at once
+            self.upper = add_gram_upper(self.upper, x, bf16_values=bf16_values)
+            return
+        self.pending[self.filled:self.filled + x.shape[0]].copy_(x)
+        self.filled += x.shape[0]
+        self.bf16_values &= bf16_values
+
+    def flush(self) -> None:
+        if self.filled:
+            self.upper = add_gram_upper(self.upper, self.pending[:self.filled], bf16_values=self.bf16_values)
+        self.filled, self.bf16_values = 0, True
+
+    def result(self) -> torch.Tensor:
+        """The symmetric X^T X (in, in) of everything added; the buffer is released."""
+        self.flush()
+        self.pending = None
+        upper = self.upper
+        return torch.triu(upper) + torch.triu(upper, 1).t()
 
 
 def add_gram_upper(gram: torch.Tensor | None, x: torch.Tensor, block: int = 256, *,

@@ -7,7 +7,7 @@ import torch
 from hfcompress.calibration import CalibrationData
 from hfcompress.context import Context
 from hfcompress.loading import load_model, resolve
-from hfcompress.statistics import InputStatistics, SubLayerProbes, mean_cosine
+from hfcompress.statistics import GramAccumulator, InputStatistics, SubLayerProbes, mean_cosine
 
 
 def test_layers_reading_one_tensor_share_one_accumulator_and_sums_are_fp32(tiny):
@@ -71,3 +71,16 @@ def test_mean_cosine_averages_over_every_token():
     b = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
     assert mean_cosine([(a, b)]) == pytest.approx(0.5)
     assert mean_cosine([(a, a), (a, b), (a, b), (a, b)]) == pytest.approx(5 / 8)   # 8 tokens, cosines 1,1,1,0,...
+
+
+def test_gram_accumulator_batches_chunks_and_sums_them_all():
+    # a 10-token buffer: chunks that fill it exactly, overflow it, and one wider than it (multiplied at once)
+    torch.manual_seed(0)
+    chunks = [torch.randn(n, 6) for n in (4, 6, 3, 25, 1)]
+    gram = GramAccumulator(batch_tokens=10)
+    for chunk in chunks:
+        gram.add(chunk)
+    x = torch.cat(chunks).double()
+    result = gram.result()
+    torch.testing.assert_close(result.double(), x.t() @ x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(result, result.t()) and result.dtype == torch.float32
