@@ -66,7 +66,7 @@ def store_weights(folder: str | Path, model: Any, config: Any) -> bool:
     next run resolves the same config (no `architectures`, no `dtype`) as this one."""
     import torch
 
-    tensors = list(model.state_dict().values())
+    tensors = list({t.data_ptr(): t for t in model.state_dict().values()}.values())  # tied weights once
     size = sum(t.numel() * t.element_size() for t in tensors)
     if any(t.dtype != torch.float32 for t in tensors if t.is_floating_point()) or size > WEIGHTS_LIMIT:
         return False

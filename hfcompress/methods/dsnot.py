@@ -138,20 +138,21 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     if nm is not None:  # columns reordered so that column m * G + g is entry m of group g: (rows, M, G) views
         dense, current, keep = (entry_major(t, nm[1]) for t in (dense, current, keep))
         hessian = entry_major(entry_major(hessian, nm[1]).t(), nm[1]).contiguous()  # H[P][:, P], H symmetric
-    # Growing column g moves W - What by a = -W_g, pruning column p by b = What_p: `moved` (rows, 2, in) holds both
-    # for every column. With r = (W - What) H, each alone changes the error by a (a H_gg + 2 r_g) and
-    # b (b H_pp + 2 r_p), the pair by their sum + 2 a b H_gp. `gains` (rows, 2, in) keeps the single changes up to
-    # date rather than recomputing r: a swap adds delta = a H[g] + b H[p] to r, so 2 moved * delta to every gain.
-    # Columns that are not candidates (kept for growing, pruned for pruning, or already swapped) carry +inf.
-    moved = torch.stack([-dense, current], dim=1)
+    # Growing column g moves W - What by a = -W_g, pruning column p by b = What_p; a column is either pruned (a grow
+    # candidate) or kept (a prune candidate), so one (rows, 1, in) `moved` holds both: What where kept, -W where
+    # pruned. With r = (W - What) H, either alone changes the error by m (m H_jj + 2 r_j), the pair by their sum
+    # + 2 a b H_gp. `gains` (rows, 2, in: grow, prune) keeps the single changes up to date rather than recomputing
+    # r: a swap adds delta = a H[g] + b H[p] to r, so 2 moved * delta to every gain. Columns that are not
+    # candidates (kept for growing, pruned for pruning, or already swapped) carry +inf, which no update changes.
+    moved = torch.where(keep, current, -dense).unsqueeze(1)
     residual = ((dense - current) @ hessian).unsqueeze(1).mul_(2)                # (rows, 1, in): 2 r
-    gains = torch.addcmul(residual, moved, hessian.diagonal()).mul_(moved)
+    single = torch.addcmul(residual, moved, hessian.diagonal()).mul_(moved)     # (rows, 1, in)
     del residual
     # not a candidate: + inf, by arithmetic (0 or 1, times max, times 2): on a CPU a select with a scattered boolean
     # mask is 5-10x slower, and so is converting bool to float other than through uint8
-    barred = torch.stack([keep, ~keep], dim=1).view(torch.uint8).to(gains.dtype)
-    gains.add_(barred.mul_(torch.finfo(gains.dtype).max).mul_(2))
-    del barred
+    barred = torch.stack([keep, ~keep], dim=1).view(torch.uint8).to(single.dtype)
+    gains = barred.mul_(torch.finfo(single.dtype).max).mul_(2).add_(single)
+    del barred, single
     ids = torch.arange(rows, device=dense.device)             # the rows still searching: the working set below
     searching = torch.ones(rows, dtype=torch.bool, device=dense.device)
     taken = []                                                # per cycle: (working rows, (grow, prune), accepted)
@@ -190,7 +191,7 @@ def entry_major(columns: torch.Tensor, m: int) -> torch.Tensor:
 
 def best_pair(gains: torch.Tensor, moved: torch.Tensor, hessian: torch.Tensor,
               nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of the (rows, 2, in) `gains` and `moved` of `refine_mask`: the error change of the pair to try
+    """Per row of the (rows, 2, in) `gains` and (rows, 1, in) `moved` of `refine_mask`: the change of the pair to try
     (rows,), its (grow, prune) columns (rows, 2) and their (a, b) (rows, 2). Unstructured: the best column to grow
     and the best to prune. N:M (columns in the (rows, M, G) order of `refine_mask`): the group whose best grow plus
     best prune gains most, then the exact best pair within it, cross term included."""
@@ -198,21 +199,20 @@ def best_pair(gains: torch.Tensor, moved: torch.Tensor, hessian: torch.Tensor,
     if nm is None:
         single, columns = row_min(gains.view(2 * rows, cols))
         chosen = columns.view(rows, 2)
-        amounts = moved.view(2 * rows, cols).gather(1, columns.unsqueeze(1)).view(rows, 2)
+        amounts = moved.squeeze(1).gather(1, chosen)
         cross = 2 * amounts.prod(dim=1) * hessian.view(-1)[chosen[:, 0] * cols + chosen[:, 1]]
         return single.view(rows, 2).sum(dim=1) + cross, chosen, amounts
     # amin over a non-inner dimension is vectorized; a min that also returns indices over dims this small is not
     m, groups = nm[1], cols // nm[1]
     per_group = gains.view(rows, 2, m, groups).amin(dim=2).sum(dim=1)                      # (rows, G)
     members = row_min(per_group)[1].unsqueeze(1) + groups * torch.arange(m, device=gains.device)  # (rows, M)
-    at = members.unsqueeze(1).expand(rows, 2, m)
-    single, amount = gains.gather(2, at), moved.gather(2, at)                              # (rows, 2, M)
+    single = gains.gather(2, members.unsqueeze(1).expand(rows, 2, m))                    # (rows, 2, M)
+    amount = moved.squeeze(1).gather(1, members)                                          # (rows, M)
     pair = (single[:, 0].unsqueeze(2) + single[:, 1].unsqueeze(1)                         # (rows, M grow, M prune)
-            + 2 * amount[:, 0].unsqueeze(2) * amount[:, 1].unsqueeze(1)
-            * hessian[members.unsqueeze(2), members.unsqueeze(1)])
+            + 2 * amount.unsqueeze(2) * amount.unsqueeze(1) * hessian[members.unsqueeze(2), members.unsqueeze(1)])
     change, best = pair.view(rows, -1).min(dim=1)
     within = torch.stack([best // m, best % m], dim=1)                                     # (rows, 2) in 0..M-1
-    return change, members.gather(1, within), amount.gather(2, within.unsqueeze(2)).squeeze(2)
+    return change, members.gather(1, within), amount.gather(1, within)
 
 
 def row_min(values: torch.Tensor, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
