@@ -66,7 +66,10 @@ def store_weights(folder: str | Path, model: Any, config: Any) -> bool:
     next run resolves the same config (no `architectures`, no `dtype`) as this one."""
     import torch
 
-    tensors = list({t.data_ptr(): t for t in model.state_dict().values()}.values())  # tied weights once
+    def storage_key(t: torch.Tensor) -> tuple:  # tied weights are one tensor under two names: counted once
+        return (t.data_ptr(), t.dtype, t.shape) if t.data_ptr() else (id(t),)
+
+    tensors = list({storage_key(t): t for t in model.state_dict().values()}.values())
     size = sum(t.numel() * t.element_size() for t in tensors)
     if any(t.dtype != torch.float32 for t in tensors if t.is_floating_point()) or size > WEIGHTS_LIMIT:
         return False

@@ -146,7 +146,7 @@ class GramAccumulator:
             return
         self.pending[self.filled:self.filled + x.shape[0]].copy_(x)
         self.filled += x.shape[0]
-        self.bf16_values &= bf16_values
+        self.bf16_values = self.bf16_values and bf16_values
 
     def flush(self) -> None:
         if self.filled:
@@ -156,8 +156,9 @@ class GramAccumulator:
     def result(self) -> torch.Tensor:
         """The symmetric X^T X (in, in) of everything added; the buffer is released."""
         self.flush()
+        width = self.pending.shape[1]
+        upper = self.upper if self.upper is not None else self.pending.new_zeros(width, width)  # only empty chunks
         self.pending = None
-        upper = self.upper
         return torch.triu(upper) + torch.triu(upper, 1).t()
 
 
