@@ -204,7 +204,8 @@ def best_pair(gains: torch.Tensor, moved: torch.Tensor, hessian: torch.Tensor,
         return single.view(rows, 2).sum(dim=1) + cross, chosen, amounts
     # amin over a non-inner dimension is vectorized; a min that also returns indices over dims this small is not
     m, groups = nm[1], cols // nm[1]
-    per_group = gains.view(rows, 2, m, groups).amin(dim=2).sum(dim=1)                      # (rows, G)
+    best_each = gains.view(rows, 2, m, groups).amin(dim=2)                                # (rows, 2, G)
+    per_group = best_each[:, 0] + best_each[:, 1]                 # (rows, G); .sum(dim=1) takes about 4x longer
     members = row_min(per_group)[1].unsqueeze(1) + groups * torch.arange(m, device=gains.device)  # (rows, M)
     single = gains.gather(2, members.unsqueeze(1).expand(rows, 2, m))                    # (rows, 2, M)
     amount = moved.squeeze(1).gather(1, members)                                          # (rows, M)
