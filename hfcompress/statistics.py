@@ -137,7 +137,7 @@ class GramAccumulator:
     def add(self, x: torch.Tensor, *, bf16_values: bool = False) -> None:
         """Add x (tokens, in) fp32; it is copied, never held."""
         if self.pending is None:
-            rows = max(1, min(self.batch_tokens, self.max_bytes // (4 * x.shape[1])))
+            rows = max(1, min(self.batch_tokens, self.max_bytes // (x.element_size() * x.shape[1])))
             self.pending = x.new_empty(rows, x.shape[1])
         if self.filled + x.shape[0] > self.pending.shape[0]:
             self.flush()
