@@ -138,6 +138,7 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     if nm is not None:  # columns reordered so that column m * G + g is entry m of group g: (rows, M, G) views
         dense, current, keep = (entry_major(t, nm[1]) for t in (dense, current, keep))
         hessian = entry_major(entry_major(hessian, nm[1]).t(), nm[1]).contiguous()  # H[P][:, P], H symmetric
+    pairs = None if nm is None else group_blocks(hessian, nm[1])  # (G, M, M): 2 H within each group
     # Growing column g moves W - What by a = -W_g, pruning column p by b = What_p; a column is either pruned (a grow
     # candidate) or kept (a prune candidate), so one (rows, 1, in) `moved` holds both: What where kept, -W where
     # pruned. With r = (W - What) H, either alone changes the error by m (m H_jj + 2 r_j), the pair by their sum
@@ -157,7 +158,7 @@ def refine_mask(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tensor, 
     searching = torch.ones(rows, dtype=torch.bool, device=dense.device)
     taken = []                                                # per cycle: (working rows, (grow, prune), accepted)
     for _ in range(cycles):
-        change, chosen, amounts = best_pair(gains, moved, hessian, nm)
+        change, chosen, amounts = best_pair(gains, moved, hessian, pairs)
         searching = searching & (change < 0)                  # no candidate left: inf
         active = int(searching.sum())
         if not active:
@@ -189,31 +190,39 @@ def entry_major(columns: torch.Tensor, m: int) -> torch.Tensor:
     return columns.unflatten(1, (-1, m)).transpose(1, 2).flatten(1)
 
 
+def group_blocks(hessian: torch.Tensor, m: int) -> torch.Tensor:
+    """2 H among the columns of each group of M, (G, M, M), from an (in, in) H in the entry-major order of
+    `entry_major` (entry i of group g at i * G + g): block g, entry (i, j) is 2 H[i * G + g, j * G + g]."""
+    groups = hessian.shape[0] // m
+    return torch.diagonal(hessian.view(m, groups, m, groups), dim1=1, dim2=3).permute(2, 0, 1).mul(2).contiguous()
+
+
 def best_pair(gains: torch.Tensor, moved: torch.Tensor, hessian: torch.Tensor,
-              nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              pairs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of the (rows, 2, in) `gains` and (rows, 1, in) `moved` of `refine_mask`: the change of the pair to try
-    (rows,), its (grow, prune) columns (rows, 2) and their (a, b) (rows, 2). Unstructured: the best column to grow
-    and the best to prune. N:M (columns in the (rows, M, G) order of `refine_mask`): the group whose best grow plus
-    best prune gains most, then the exact best pair within it, cross term included."""
+    (rows,), its (grow, prune) columns (rows, 2) and their (a, b) (rows, 2). Unstructured (`pairs` None): the best
+    column to grow and the best to prune. N:M (`pairs`: `group_blocks` of H, columns in the (rows, M, G) order of
+    `refine_mask`): the group whose best grow plus best prune gains most, then the exact best pair within it, cross
+    term included."""
     rows, _, cols = gains.shape
-    if nm is None:
+    if pairs is None:
         single, columns = row_min(gains.view(2 * rows, cols))
         chosen = columns.view(rows, 2)
         amounts = moved.squeeze(1).gather(1, chosen)
         cross = 2 * amounts.prod(dim=1) * hessian.view(-1)[chosen[:, 0] * cols + chosen[:, 1]]
         return single.view(rows, 2).sum(dim=1) + cross, chosen, amounts
     # amin over a non-inner dimension is vectorized; a min that also returns indices over dims this small is not
-    m, groups = nm[1], cols // nm[1]
-    best_each = gains.view(rows, 2, m, groups).amin(dim=2)                                # (rows, 2, G)
-    per_group = best_each[:, 0] + best_each[:, 1]                 # (rows, G); .sum(dim=1) takes about 4x longer
-    members = row_min(per_group)[1].unsqueeze(1) + groups * torch.arange(m, device=gains.device)  # (rows, M)
-    single = gains.gather(2, members.unsqueeze(1).expand(rows, 2, m))                    # (rows, 2, M)
-    amount = moved.squeeze(1).gather(1, members)                                          # (rows, M)
+    groups, m = pairs.shape[0], pairs.shape[1]
+    by_group = gains.view(rows, 2, m, groups)
+    best_each = by_group.amin(dim=2)                                                      # (rows, 2, G)
+    group = row_min(best_each[:, 0] + best_each[:, 1])[1]     # (rows,); .sum(dim=1) takes about 4x longer
+    single = by_group.gather(3, group.view(rows, 1, 1, 1).expand(rows, 2, m, 1)).view(rows, 2, m)
+    amount = moved.view(rows, m, groups).gather(2, group.view(rows, 1, 1).expand(rows, m, 1)).view(rows, m)
     pair = (single[:, 0].unsqueeze(2) + single[:, 1].unsqueeze(1)                         # (rows, M grow, M prune)
-            + 2 * amount.unsqueeze(2) * amount.unsqueeze(1) * hessian[members.unsqueeze(2), members.unsqueeze(1)])
+            + amount.unsqueeze(2) * amount.unsqueeze(1) * pairs.index_select(0, group))
     change, best = pair.view(rows, -1).min(dim=1)
     within = torch.stack([best // m, best % m], dim=1)                                     # (rows, 2) in 0..M-1
-    return change, members.gather(1, within), amount.gather(1, within)
+    return change, group.unsqueeze(1) + groups * within, amount.gather(1, within)
 
 
 def row_min(values: torch.Tensor, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
