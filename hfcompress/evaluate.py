@@ -1,4 +1,5 @@
-"""Measurements for the before/after table: perplexity, size, parameters, sparsity, bits per weight, tokens/s."""
+"""Measurements for the before/after table: perplexity (causal LMs), embedding cosine to the original (text encoders),
+size, parameters, sparsity, bits per weight, tokens/s."""
 
 from __future__ import annotations
 
@@ -141,6 +142,28 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, de
     return math.exp(total_nll / total_tokens)
 
 
+@torch.no_grad()
+def window_embeddings(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                      desc: str = "embeddings") -> torch.Tensor:
+    """Each window's final hidden states averaged over its tokens (a mean-pooled sentence embedding), (n, hidden)
+    fp32, for windows (n, seq_len): the model's `last_hidden_state`, or its last `hidden_states` for a model with a
+    head (a masked-LM or a classifier)."""
+    means = []
+    for window in tqdm(windows.split(1), desc=desc, leave=False):
+        output = model(input_ids=window.to(device), output_hidden_states=True)
+        hidden = getattr(output, "last_hidden_state", None)
+        hidden = output.hidden_states[-1] if hidden is None else hidden                # (1, T, hidden)
+        means.append(hidden[0].float().mean(dim=0).cpu())
+    return torch.stack(means)
+
+
+def encoder_reference(model: nn.Module, device: torch.device, windows: torch.Tensor,
+                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The uncompressed encoder's window embeddings, which `measure(reference=...)` compares the compressed one to."""
+    with on_device(model, device), computing_in(model, compute_dtype):
+        return window_embeddings(model, windows, device, desc="embeddings before")
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -252,12 +275,14 @@ def greedy_samples(model: nn.Module, tokenizer: Any, device: torch.device,
 def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,
             structure: Structure | None = None, sparsity: bool = False, quantized: bool = False, speed: bool = True,
             desc: str = "", storage_dtype: torch.dtype | None = None, tokenizer: Any = None,
-            compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
+            compute_dtype: torch.dtype | None = None, reference: torch.Tensor | None = None) -> dict[str, Any]:
     """Every number of the before/after table: size and bits as the writer for `structure` stores the model
     (floating tensors in `storage_dtype`), sparsity when `sparsity` (only where something is pruned), the nominal
     bits of the block Linear weights when `quantized` (only where something is quantized), perplexity
     and tokens/s of the model in memory (which equals the model as it loads: the tests check it), computed in
-    `compute_dtype` when given (on cast copies of the weights, which are left as they were)."""
+    `compute_dtype` when given (on cast copies of the weights, which are left as they were). For a text encoder
+    given the `encoder_reference` of its uncompressed self: the mean cosine similarity of the window embeddings to
+    the reference's."""
     parameters = parameter_count(model)
     metrics: dict[str, Any] = {"parameters": parameters,
                                **size_metrics(stored_bytes(model, structure, storage_dtype), parameters)}
@@ -272,11 +297,17 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
                 metrics.update(tokens_per_second(model, windows[:1, :256], device))
             if tokenizer is not None:
                 metrics["samples"] = greedy_samples(model, tokenizer, device)
+    if family == "encoder" and windows is not None and reference is not None:
+        with on_device(model, device), computing_in(model, compute_dtype):
+            embeddings = window_embeddings(model, windows, device, desc=f"embeddings {desc}".strip())
+        cosine = nn.functional.cosine_similarity(embeddings, reference, dim=1)       # (n_windows,)
+        metrics["embedding_cosine"] = round(cosine.mean().item(), 6)
     return metrics
 
 
 TABLE_ROWS = [
     ("perplexity", "perplexity", "{:.2f}"),
+    ("embedding_cosine", "embedding cosine to the original", "{:.4f}"),
     ("size_bytes", "size (MB)", lambda v: f"{v / 1e6:.1f}"),
     ("parameters", "parameters (M)", lambda v: f"{v / 1e6:.2f}"),
     ("sparsity", "sparsity (block Linear weights)", "{:.1%}"),

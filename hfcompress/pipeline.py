@@ -27,7 +27,7 @@ from .calibration import (
 )
 from .card import render_card
 from .context import Context, Progress
-from .evaluate import folder_weights_bytes, format_table, measure, size_metrics
+from .evaluate import encoder_reference, folder_weights_bytes, format_table, measure, size_metrics
 from .formats import save_model, staged_folder, write_metadata
 from .hub import push
 from .loading import (
@@ -90,8 +90,9 @@ def _describe(step: Any, report: Report) -> str:
 
 
 def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch.Tensor | None:
-    """The (n_windows, seq_len) perplexity windows, or None when perplexity does not apply."""
-    if not ev.enabled or family != "causal-lm":
+    """The (n_windows, seq_len) evaluation windows (perplexity of a causal LM, embeddings of a text encoder), or None
+    when neither applies."""
+    if not ev.enabled or family not in ("causal-lm", "encoder"):
         return None
     stream = token_stream(tokenizer, read_text(ev.source, "evaluation", text_field=ev.text_field, split=ev.split,
                                                subset=ev.subset))
@@ -120,7 +121,8 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None 
                        token=token, allow_pickle=model_spec.allow_pickle)
     ev = resolve_defaults(Recipe(model_spec, evaluation=ev), resolved, device).evaluation
     tokenizer = load_tokenizer(resolved)
-    windows = evaluation_windows(tokenizer, ev, resolved.family)
+    # an encoder's measure is its embeddings' cosine to the uncompressed model's: nothing to compare with here
+    windows = evaluation_windows(tokenizer, ev, resolved.family) if resolved.family == "causal-lm" else None
     structure = source_structure(resolved)
     quantized = structure.of_kind("quantized")
     if quantized and resolved.kind == "local":  # an hfcompress output: measured as it was in memory
@@ -199,6 +201,11 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
         if before_cached:
             log("before: the numbers an earlier run measured on the same weights, windows and settings "
                 "(--remeasure to measure again)")
+    # a text encoder is measured by how close its embeddings stay to the uncompressed model's: these (not cached)
+    reference = (encoder_reference(model, device, windows, eval_dtype)
+                 if ev.enabled and resolved.family == "encoder" and windows is not None else None)
+    if reference is not None:
+        before["embedding_cosine"] = 1.0
 
     reports, steps_meta, structure = [], [], source
     for index, step in enumerate(recipe.steps):
@@ -219,7 +226,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     pruned = pruned or "sparse" in structure.kinds
     after = (measure(model, resolved.family, device, windows, structure=structure, sparsity=pruned,
                      quantized=quantizes or "quantized" in structure.kinds, speed=ev.speed, desc="after",
-                     storage_dtype=storage_dtype, tokenizer=tokenizer, compute_dtype=eval_dtype) if ev.enabled else {})
+                     storage_dtype=storage_dtype, tokenizer=tokenizer, compute_dtype=eval_dtype, reference=reference)
+             if ev.enabled else {})
 
     passes = run.compute_dtype or model.dtype
     dtypes = {"compute": str(model.dtype).removeprefix("torch."), "saved": str(storage_dtype).removeprefix("torch."),

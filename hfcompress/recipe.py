@@ -67,9 +67,10 @@ class CalibrationSpec:
 
 @dataclass
 class EvaluationSpec:
-    enabled: bool = option(True, "measure before/after: perplexity, size, parameters, sparsity, bits, tokens/s")
+    enabled: bool = option(True, "measure before/after: perplexity (text encoders: embedding cosine to the "
+                                 "original), size, parameters, sparsity, bits, tokens/s")
     source: str = option("builtin", "evaluation text (`builtin` uses a book kept apart from calibration text)")
-    seq_len: int | None = option(None, "tokens per perplexity window, non-overlapping (default: 512, capped at the "
+    seq_len: int | None = option(None, "tokens per evaluation window, non-overlapping (default: 512, capped at the "
                                        "model's context)")
     n_windows: int | None = option(32, "number of windows (None: the whole text)")
     speed: bool = option(True, "measure prefill and decode tokens/s")

@@ -90,13 +90,14 @@ def test_an_unpushed_card_says_what_the_placeholder_is_and_a_push_removes_the_no
     assert UNPUSHED_NOTE.encode() not in readme.path_or_fileobj and b'"me/pushed"' in readme.path_or_fileobj
 
 
-def test_an_encoder_card_claims_no_perplexity_or_speed(tiny, tmp_path):
+def test_an_encoder_card_shows_its_embedding_cosine_and_claims_no_perplexity_or_speed(tiny, tmp_path):
     out = tmp_path / "out"
     hfcompress.compress({"model": tiny("bert"), "steps": [{"method": "magnitude"}], "output": {"dir": str(out)}},
                         log=lambda line: None)
     card = (out / "README.md").read_text()
     assert "| sparsity (block Linear weights) |" in card and "Size: bytes of the stored weights" in card
     assert "erplexity" not in card and "okens/s" not in card
+    assert "| embedding cosine to the original | 1.0000 |" in card and "Embedding cosine: each window's" in card
 
 
 def test_a_bf16_checkpoint_is_measured_in_fp32_on_cpu_and_saved_in_bf16(tmp_path):

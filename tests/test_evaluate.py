@@ -1,10 +1,11 @@
-"""Measurements: perplexity agrees with transformers' own loss, and streaming a model leaves it intact."""
+"""Measurements: perplexity agrees with transformers' own loss, an encoder's window embeddings are its mean-pooled
+final hidden states whatever head it has, and streaming a model leaves it intact."""
 
 import math
 
 import torch
 
-from hfcompress.evaluate import parameter_count, perplexity, streamed
+from hfcompress.evaluate import parameter_count, perplexity, streamed, window_embeddings
 from hfcompress.loading import load_model, resolve
 
 
@@ -19,6 +20,19 @@ def test_perplexity_is_the_exponent_of_the_mean_token_loss(tiny):
         losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
     assert math.isclose(perplexity(model, windows, torch.device("cpu")), math.exp(sum(losses) / len(losses)),
                         rel_tol=1e-5)
+
+
+def test_window_embeddings_are_the_mean_final_hidden_states_with_or_without_a_head(tiny):
+    import transformers
+
+    encoder = load_model(resolve(tiny("bert")), "float32")                        # BertModel
+    with_head = transformers.BertForMaskedLM(encoder.config).eval()  # no last_hidden_state: hidden_states[-1]
+    with_head.bert.load_state_dict(encoder.state_dict(), strict=False)            # no pooler in the masked-LM model
+    windows = _windows(3, 16) % encoder.config.vocab_size
+    with torch.no_grad():
+        expected = torch.stack([encoder(input_ids=w[None]).last_hidden_state[0].mean(0) for w in windows])
+    for model in (encoder, with_head):
+        assert torch.allclose(window_embeddings(model, windows, torch.device("cpu")), expected, atol=1e-5)
 
 
 def test_streaming_from_cpu_memory_gives_the_same_logits_and_keeps_tied_weights_tied(tiny):
@@ -120,6 +134,19 @@ def test_a_second_run_reads_the_before_numbers_and_a_changed_setting_measures_ag
     build("llama", changed, seed=1)  # ... and other weights in the same place are measured again
     hfcompress.compress({**recipe, "model": str(changed)}, log=lambda line: None)
     assert calls[7:] == ["after", "after", "before", "after"]
+
+
+def test_an_encoder_is_measured_by_its_embeddings_cosine_to_the_original_even_with_cached_before_numbers(tiny):
+    import hfcompress
+
+    recipe = {"model": tiny("bert"), "evaluation": {"seq_len": 32, "n_windows": 4}}
+    lines = []
+    results = [hfcompress.compress({**recipe, "steps": [{"method": "magnitude", "sparsity": s}]}, log=lines.append)
+               for s in (0.2, 0.2, 0.8)]
+    assert any("earlier run" in line for line in lines)                          # the second and third read it
+    cosine = [r.after["embedding_cosine"] for r in results]
+    assert all(r.before["embedding_cosine"] == 1.0 and "perplexity" not in r.after for r in results)
+    assert cosine[0] == cosine[1] and 0 < cosine[2] < cosine[0] < 1             # more pruning, further away
 
 
 def test_eval_of_a_quantized_output_measures_the_model_as_it_was_saved(tiny, tmp_path):
