@@ -51,7 +51,7 @@ def main() -> None:
     resolved = resolve(os.path.join(os.path.dirname(spec.origin), "model"))
     tokenizer = load_tokenizer(resolved)
     calibration = load_calibration(tokenizer, "builtin", 32, 128, seed=0)
-    held_out = evaluation_windows(tokenizer, EvaluationSpec(seq_len=128, n_windows=64), "causal-lm")
+    held_out = evaluation_windows(tokenizer, EvaluationSpec(seq_len=128, n_windows=64), "embedding_cosine")
     dense = embeddings(load_model(resolved, "float32"), held_out)
     rows = []
     for label, (method, options) in VARIANTS.items():

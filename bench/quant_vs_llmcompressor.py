@@ -70,7 +70,7 @@ def main() -> None:
     folder = smollm2_folder()
     tokenizer = load_tokenizer(resolve(folder))
     windows = evaluation_windows(tokenizer, EvaluationSpec(seq_len=args.seq_len, n_windows=args.eval_windows),
-                                 "causal-lm")
+                                 "perplexity")
     calibration = {"n_samples": args.n_samples, "seq_len": args.seq_len, "seed": 0}
     calib_file = WORK / "calibration.pt"
     torch.save(load_calibration(tokenizer, "builtin", args.n_samples, args.seq_len, seed=0).input_ids, calib_file)

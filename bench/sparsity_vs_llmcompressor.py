@@ -89,7 +89,7 @@ def prepare(args: argparse.Namespace, llmc: bool = True) -> tuple[str | None, st
     calib_file = WORK / "calibration.pt"
     torch.save(calibration.input_ids, calib_file)
     windows = evaluation_windows(tokenizer, EvaluationSpec(seq_len=args.seq_len, n_windows=args.eval_windows),
-                                 "causal-lm")
+                                 "perplexity")
     return python, folder, resolved, calibration, calib_file, windows
 
 

@@ -152,6 +152,7 @@ def render_card(metadata: dict[str, Any], repo_id: str | None = None) -> str:
         table=format_table(before, after) if before and after else "",
         speed="decode_tokens_per_s" in after,
         embedding_cosine="embedding_cosine" in after,
+        family=metadata["family"],
         evaluation=evaluation,
         eval_text=_evaluation_text(evaluation),
         samples=_samples(before, after),

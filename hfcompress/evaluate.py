@@ -129,6 +129,16 @@ def size_metrics(size_bytes: int, parameters: int) -> dict[str, Any]:
     return {"size_bytes": size_bytes, "bits_per_weight": round(8 * size_bytes / max(1, parameters), 4)}
 
 
+def quality_metric(family: str, architectures: list[str]) -> str | None:
+    """What the evaluation windows measure: `perplexity` for causal LMs and for image-text models that generate text
+    (LLaVA-style; on the text alone, no image), `embedding_cosine` for text encoders, None for the others (CLIP,
+    vision models: size and sparsity only)."""
+    if family == "encoder":
+        return "embedding_cosine"
+    generates = family == "vision-language" and any(a.endswith("ForConditionalGeneration") for a in architectures)
+    return "perplexity" if family == "causal-lm" or generates else None
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "perplexity") -> float:
     """exp(mean next-token NLL) over non-overlapping windows (n, seq_len); NLL summed in fp32."""
@@ -290,12 +300,12 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
         metrics["sparsity"] = round(block_linear_sparsity(model), 6)
     if quantized:
         metrics["nominal_bits"] = round(nominal_bits(model, structure, storage_dtype), 4)
-    if family == "causal-lm" and windows is not None:
+    if family != "encoder" and windows is not None:  # windows are cut only for what measures perplexity
         with on_device(model, device) as streamed, computing_in(model, compute_dtype):
             metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())
-            if speed and not streamed:  # streaming every weight per decoded token would time the PCIe bus
-                metrics.update(tokens_per_second(model, windows[:1, :256], device))
-            if tokenizer is not None:
+            if speed and not streamed and family == "causal-lm":  # streaming every weight per decoded token
+                metrics.update(tokens_per_second(model, windows[:1, :256], device))  # would time the PCIe bus
+            if tokenizer is not None and family == "causal-lm":
                 metrics["samples"] = greedy_samples(model, tokenizer, device)
     if family == "encoder" and windows is not None and reference is not None:
         with on_device(model, device), computing_in(model, compute_dtype):

@@ -63,11 +63,16 @@ class ResolvedModel:
         return None
 
 
+def base_architectures(config: Any) -> list[str]:
+    """The config's architecture names; for an hfcompress remote-code output, the architecture it was made from."""
+    if getattr(config, "model_type", None) == "hfcompress":
+        return [config.hfcompress.get("base_architecture") or ""]
+    return list(getattr(config, "architectures", None) or [])
+
+
 def model_family(config: Any) -> str:
     """causal-lm, encoder, seq2seq, vision or vision-language, from the config alone."""
-    architectures = getattr(config, "architectures", None) or []
-    if getattr(config, "model_type", None) == "hfcompress":  # a remote-code output: its base architecture
-        architectures = [config.hfcompress.get("base_architecture") or ""]
+    architectures = base_architectures(config)
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):

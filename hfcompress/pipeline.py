@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from transformers import ProcessorMixin
 
 from .cache import cached_measurement, measurement_key, weights_digest
 from .calibration import (
@@ -27,11 +28,12 @@ from .calibration import (
 )
 from .card import render_card
 from .context import Context, Progress
-from .evaluate import encoder_reference, folder_weights_bytes, format_table, measure, size_metrics
+from .evaluate import encoder_reference, folder_weights_bytes, format_table, measure, quality_metric, size_metrics
 from .formats import save_model, staged_folder, write_metadata
 from .hub import push
 from .loading import (
     ResolvedModel,
+    base_architectures,
     compute_dtype,
     load_model,
     load_tokenizer,
@@ -89,11 +91,13 @@ def _describe(step: Any, report: Report) -> str:
     return f"{report.method} ({options}); measured: {stats}"
 
 
-def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, family: str) -> torch.Tensor | None:
-    """The (n_windows, seq_len) evaluation windows (perplexity of a causal LM, embeddings of a text encoder), or None
-    when neither applies."""
-    if not ev.enabled or family not in ("causal-lm", "encoder"):
+def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, metric: str | None) -> torch.Tensor | None:
+    """The (n_windows, seq_len) evaluation windows of `metric` (`quality_metric`: perplexity or the embedding
+    cosine), or None when there is none."""
+    if not ev.enabled or metric is None:
         return None
+    if isinstance(tokenizer, ProcessorMixin):  # an image-text model's processor: its text tokenizer
+        tokenizer = tokenizer.tokenizer
     stream = token_stream(tokenizer, read_text(ev.source, "evaluation", text_field=ev.text_field, split=ev.split,
                                                subset=ev.subset))
     return cut_windows(stream, ev.seq_len, ev.n_windows, seed=None, what=f"evaluation source {ev.source!r}",
@@ -121,8 +125,9 @@ def evaluate_model(model_spec: ModelSpec, ev: EvaluationSpec, token: str | None 
                        token=token, allow_pickle=model_spec.allow_pickle)
     ev = resolve_defaults(Recipe(model_spec, evaluation=ev), resolved, device).evaluation
     tokenizer = load_tokenizer(resolved)
+    metric = quality_metric(resolved.family, base_architectures(resolved.config))
     # an encoder's measure is its embeddings' cosine to the uncompressed model's: nothing to compare with here
-    windows = evaluation_windows(tokenizer, ev, resolved.family) if resolved.family == "causal-lm" else None
+    windows = evaluation_windows(tokenizer, ev, metric if metric == "perplexity" else None)
     structure = source_structure(resolved)
     quantized = structure.of_kind("quantized")
     if quantized and resolved.kind == "local":  # an hfcompress output: measured as it was in memory
@@ -173,7 +178,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
                                        c.subset)
     if ev.enabled and calibration and evaluates_on_calibration_text(recipe):
         log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
-    windows = evaluation_windows(tokenizer, ev, resolved.family)
+    windows = evaluation_windows(tokenizer, ev, quality_metric(resolved.family, base_architectures(resolved.config)))
 
     passes_note = f", calibration passes in {str(run.compute_dtype).removeprefix('torch.')}" if calibration else ""
     log(f"loading {recipe.model.id} on cpu (compute device: {device}{passes_note})")

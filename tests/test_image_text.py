@@ -1,5 +1,6 @@
 """Image-text models (CLIP, LLaVA) calibrated on image-caption pairs: pruned end to end with ecoflap, wanda,
-sparsegpt and dsnot, reloaded in a fresh process with the same outputs; refused before loading without image data."""
+sparsegpt and dsnot, reloaded in a fresh process with the same outputs, LLaVA measured by the perplexity of text;
+refused before loading without image data."""
 
 import json
 
@@ -45,6 +46,12 @@ def test_image_text_models_are_pruned_on_image_caption_pairs_and_reload(tiny, tm
     metadata = json.loads((tmp_path / "out" / "hfcompress.json").read_text())
     assert metadata["calibration"]["image_text_pairs"] == 4 and metadata["steps"][0]["stats"]["group_sparsity"]
     assert (tmp_path / "out" / "processor_config.json").exists()     # the processor travels with the model
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Calibration: 4 image-caption pairs from" in card
+    if model_name == "llava":  # it generates text: perplexity of the text alone; CLIP has no quality number yet
+        assert result.after["perplexity"] != result.before["perplexity"] and "the text alone (no\nimage)" in card
+    else:
+        assert "perplexity" not in result.after and "erplexity" not in card
     _reloads_the_same(result, tmp_path / "out", tmp_path)
 
 
