@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from .errors import HfCompressError, InvalidOptionError, choices
-from .options import config_fields, from_values
+from .options import config_fields, field_types, from_values
 from .recipe import (
     CalibrationSpec,
     EvaluationSpec,
@@ -90,16 +90,40 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method options (each applies to the methods listed)")
     owners: dict[str, list[str]] = {}
     helps: dict[str, str] = {}
+    defaults: dict[str, dict[str, Any]] = {}   # option -> {method: its default}
+    switches: set[str] = set()                 # bool options: the flag alone means true
     for name, spec in available_methods().items():
+        types = field_types(spec.config_class)
         for f in config_fields(spec.config_class):
             owners.setdefault(f.name, []).append(name)
             listed = f" (one of: {', '.join(map(str, f.metadata['choices']))})" if "choices" in f.metadata else ""
             helps.setdefault(f.name, f.metadata.get("help", "") + listed)
+            if f.default is not dataclasses.MISSING and "default" not in f.metadata.get("help", ""):
+                defaults.setdefault(f.name, {})[name] = f.default
+            if types[f.name] in (bool, bool | None):
+                switches.add(f.name)
     for field_name, methods in owners.items():
         if field_name == "targets":
             helps[field_name] += "; several globs comma-separated, e.g. '*.mlp.*,*.self_attn.o_proj'"
+        switch = {"nargs": "?", "const": "true"} if field_name in switches else {}
         group.add_argument("--" + field_name.replace("_", "-"), dest=f"method.{field_name}", default=argparse.SUPPRESS,
-                           metavar="VALUE", help=f"{helps[field_name]} [{', '.join(methods)}]")
+                           metavar="VALUE", help=f"{helps[field_name]}{_default_text(defaults.get(field_name, {}))} "
+                                                 f"[{', '.join(methods)}]", **switch)
+
+
+def _default_text(defaults: dict[str, Any]) -> str:
+    """' (default: X)', or per method where they differ; nothing for defaults that are None or empty."""
+    def flag_value(value: Any) -> str:  # as it is written after the flag
+        if isinstance(value, tuple):
+            return ",".join(map(str, value))
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    shown = {method: flag_value(value) for method, value in defaults.items() if value not in (None, "", ())}
+    if not shown:
+        return ""
+    if len(set(shown.values())) == 1:
+        return f" (default: {next(iter(shown.values()))})"
+    return " (default: " + ", ".join(f"{value} for {method}" for method, value in shown.items()) + ")"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,12 +25,17 @@ def check_dtype(name: str) -> str:
     return name
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, **kwargs: Any) -> Any:
+def option(default: Any, help: str, *, choices: tuple | None = None, applies: tuple[str, Any] | None = None,
+           **kwargs: Any) -> Any:
     """A config field with its help text (shown by `--help`, the README and the Space). `choices`, when given, are
-    the only valid values: the Space shows them as a dropdown and `from_values` refuses anything else."""
+    the only valid values: the Space shows them as a dropdown and `from_values` refuses anything else. `applies`
+    (another field, a value): the option is used only when that field has that value (descriptions leave it out
+    otherwise)."""
     metadata = {"help": help, **kwargs}
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if applies is not None:
+        metadata["applies"] = applies
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -89,7 +94,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if annotation is str:
             return str(value)
     except (TypeError, ValueError):
-        raise InvalidOptionError(f"option `{name}` expects {getattr(annotation, '__name__', annotation)}, "
+        words = " (true/false, yes/no, 1/0)" if annotation is bool else ""
+        raise InvalidOptionError(f"option `{name}` expects {getattr(annotation, '__name__', annotation)}{words}, "
                                  f"got {value!r}") from None
     return value
 
@@ -99,7 +105,8 @@ def from_values(cls: type, values: dict[str, Any], what: str) -> Any:
     known = {f.name for f in config_fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise InvalidOptionError(f"unknown option(s) {unknown} for {what}; valid options: {choices(sorted(known))}")
+        raise InvalidOptionError(f"unknown option{'s' if len(unknown) > 1 else ''} {choices(unknown)} for {what}; "
+                                 f"valid options: {choices(sorted(known))}")
     hints = field_types(cls)
     return cls(**{key: _coerce(value, hints[key], key) for key, value in values.items()})
 
@@ -123,11 +130,14 @@ def make_config(method: str, options: dict[str, Any] | None = None) -> Any:
 
 
 def options_text(config: Any) -> str:
-    """`sparsity: 0.5, pattern: 2:4, ...`: a config's set options, written as in a recipe."""
+    """`sparsity: 0.5, pattern: 2:4, ...`: a config's set options that apply to it, written as in a recipe."""
     import yaml
 
+    unused = {f.name for f in config_fields(type(config))
+              if "applies" in f.metadata and getattr(config, f.metadata["applies"][0]) != f.metadata["applies"][1]}
     return ", ".join(f"{key}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                     for key, value in config_to_dict(config).items() if key != "method" and value not in (None, []))
+                     for key, value in config_to_dict(config).items()
+                     if key != "method" and key not in unused and value not in (None, []))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

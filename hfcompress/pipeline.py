@@ -9,6 +9,7 @@ writer and which the measurements and the card read.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -86,9 +87,23 @@ def _as_recipe(recipe: Recipe | dict | str) -> Recipe:
 
 
 def _describe(step: Any, report: Report) -> str:
-    options = options_text(step)
-    stats = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.stats.items())
-    return f"{report.method} ({options}); measured: {stats}"
+    """A step for the card, after its method's name: the options that apply to it, then what it measured."""
+    stats = ", ".join(f"{k} {_stat_text(v)}" for k, v in report.stats.items() if v is not None)
+    return f"{options_text(step)}; measured: {stats}"
+
+
+def _stat_text(value: Any) -> str:
+    """A measured number to 4 significant digits; a map of numbers per module with the module path they all start
+    with left out (`{0: 0.499, 1: 0.52, ...}`)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+        names = [str(name) for name in value]
+        shared = os.path.commonprefix(names)
+        shared = shared[:shared.rfind(".") + 1] if len(names) > 1 else ""
+        return "{" + ", ".join(f"{name[len(shared):]}: {v:.3g}" for name, v in zip(names, value.values(),
+                                                                                 strict=True)) + "}"
+    return str(value)
 
 
 def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, metric: str | None) -> torch.Tensor | None:

@@ -57,11 +57,17 @@ def pruning_targets(model: nn.Module, config: PruningConfig) -> dict[str, dict[s
                                  f"look like {examples[:4]}")
     nm = config.nm
     if nm:
-        bad = [name for layers in targets.values() for name, layer in layers.items()
-               if weight_matrix(layer).shape[1] % nm[1]]
+        widths = {name: weight_matrix(layer).shape[1] for layers in targets.values() for name, layer in layers.items()}
+        bad = [name for name, width in widths.items() if width % nm[1]]
         if bad:
-            raise UnsupportedModelError(f"pattern {config.pattern} needs in_features divisible by {nm[1]}; "
-                                        f"not the case for {bad[:3]}")
+            fitting = [m for m in (2, 4, 8, 16, 32) if all(width % m == 0 for width in widths.values())]
+            others = f" and {len(bad) - 1} more layers" if len(bad) > 1 else ""
+            raise UnsupportedModelError(
+                f"pattern {config.pattern} needs every pruned layer's input width divisible by M={nm[1]}, but "
+                f"{bad[0]}{others} take {', '.join(map(str, sorted({widths[name] for name in bad})))} inputs; "
+                + (f"M = {', '.join(map(str, fitting))} fits every layer (e.g. --pattern "
+                   f"{'2:4' if 4 in fitting else f'1:{fitting[0]}'}), " if fitting else "")
+                + "or leave those layers out with --targets")
     return targets
 
 

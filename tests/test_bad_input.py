@@ -128,9 +128,12 @@ def test_too_many_evaluation_windows_names_the_evaluation_options(tiny, no_weigh
         _run(tiny("llama"), evaluation={"n_windows": 100_000})
 
 
-def test_pattern_that_does_not_divide_the_layers(tiny, no_weights):
-    with pytest.raises(UnsupportedModelError, match="pattern 3:7 needs in_features divisible by 7"):
+def test_pattern_that_does_not_divide_the_layers_names_the_ms_that_do(tiny, no_weights):
+    with pytest.raises(UnsupportedModelError, match=r"pattern 3:7 needs .* divisible by M=7, but \S+ and \d+ more "
+                                                    r"layers take \d+.* inputs; M = 2, 4, .* \(e.g. --pattern 2:4\)"):
         _run(tiny("llama"), step={"method": "magnitude", "pattern": "3:7"})
+    with pytest.raises(InvalidOptionError, match=r"pattern 2:5: SparseGPT .* --block-size columns \(128\)"):
+        _run(tiny("llama"), step={"method": "sparsegpt", "pattern": "2:5"})
 
 
 def test_dsnot_options_are_refused_before_loading_with_the_valid_choices(tiny, no_weights):
@@ -139,7 +142,7 @@ def test_dsnot_options_are_refused_before_loading_with_the_valid_choices(tiny, n
             _run(tiny("llama"), step={"method": "dsnot", "init": init})
     with pytest.raises(InvalidOptionError, match="cycles must be >= 1, got 0"):
         _run(tiny("llama"), step={"method": "dsnot", "cycles": 0})
-    with pytest.raises(UnsupportedModelError, match="pattern 3:7 needs in_features divisible by 7"):
+    with pytest.raises(UnsupportedModelError, match="pattern 3:7 needs every pruned layer's input width divisible"):
         _run(tiny("llama"), step={"method": "dsnot", "pattern": "3:7"})
 
 

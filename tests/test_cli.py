@@ -105,7 +105,9 @@ def test_help_shows_defaults_and_describes_every_command():
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     compress_help = subcommands["compress"].format_help()
     for flag, default in [("--seed SEED", "(default: 0)"), ("--split SPLIT", "(default: train)"),
-                          ("--eval-split SPLIT", "(default: test)"), ("--eval-windows N_WINDOWS", "(default: 32)")]:
+                          ("--eval-split SPLIT", "(default: test)"), ("--eval-windows N_WINDOWS", "(default: 32)"),
+                          ("--cycles VALUE", "(default: 50)"), ("--faithful [VALUE]", "(default: false)"),
+                          ("--bits VALUE", "(default: 4 for gptq, 4,2 for layerwise_quant, 4 for rtn)")]:
         after = " ".join(compress_help.split(f"\n  {flag}", 1)[1].split()[:40])  # the option's own help line
         assert default in after, flag
     assert "severalglobscomma-separated" in "".join(compress_help.split())  # help wraps at spaces and hyphens
@@ -113,6 +115,16 @@ def test_help_shows_defaults_and_describes_every_command():
         assert subcommands[name].description, name
         positional = [a for a in subcommands[name]._actions if not a.option_strings]
         assert all(a.help for a in positional), name
+
+
+def test_a_boolean_option_alone_means_true_and_a_bad_word_names_the_good_ones():
+    def faithful(*flags):
+        return recipe_from_args(build_parser().parse_args(["compress", "m", "--method", "dsnot", *flags])).steps[0]
+
+    assert faithful("--faithful").faithful and faithful("--faithful", "yes").faithful
+    assert not faithful("--faithful", "false").faithful and not faithful().faithful
+    with pytest.raises(Exception, match=r"expects bool \(true/false, yes/no, 1/0\), got 'maybe'"):
+        faithful("--faithful", "maybe")
 
 
 def test_a_run_without_out_is_saved_to_a_new_folder_named_after_it(tiny, tmp_path, monkeypatch, capsys):

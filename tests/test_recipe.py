@@ -94,3 +94,16 @@ def test_validate_needs_steps_and_positive_sizes():
         Recipe(model="m", steps=[WandaConfig()], calibration={"n_samples": 0})
     with pytest.raises(InvalidOptionError, match="n_windows .--eval-windows. must be positive"):
         Recipe(model="m", steps=[WandaConfig()], evaluation={"n_windows": 0})
+
+
+def test_a_step_is_described_by_the_options_that_apply_to_it_and_readable_numbers():
+    from hfcompress.options import options_text
+    from hfcompress.pipeline import _stat_text
+
+    default, faithful = (options_text(make_config("dsnot", {"faithful": f})) for f in (False, True))
+    assert "estimate: hessian" in default and "power" not in default and "threshold" not in default
+    assert "power: 1.0, threshold: 0.1" in faithful and "estimate" not in faithful
+    first, zeroth = (options_text(make_config("ecoflap", {"order": o})) for o in ("first", "zeroth"))
+    assert "eps" not in first and "perturb" not in first and "perturb: all" in zeroth and "eps: 0.001" in zeroth
+    scores = {"model.layers.0": 0.4991234, "model.layers.1": 0.52, "model.layers.10": 0.6}
+    assert _stat_text(scores) == "{0: 0.499, 1: 0.52, 10: 0.6}" and _stat_text(0.123456) == "0.1235"

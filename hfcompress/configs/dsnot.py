@@ -20,14 +20,16 @@ class DSnoTConfig(PruningConfig):
     faithful: bool = option(False, "true: follow the authors' released code; false: hfcompress's variant (swaps "
                                    "chosen by the reconstruction error they remove)")
     cycles: int = option(50, "most prune-and-grow swaps per row")
-    power: float = option(1.0, "faithful: variance power in the growth order W_ij mu_j / var_j^power")
+    power: float = option(1.0, "faithful: variance power in the growth order W_ij mu_j / var_j^power",
+                          applies=("faithful", True))
     threshold: float = option(0.1, "faithful: a row stops when its error |e|, summed over a window's tokens, is at "
-                                   "most this")
+                                   "most this", applies=("faithful", True))
     same_sign: bool | None = option(None, "faithful: stop a row when a swap would flip the sign of its error "
-                                          "(default as released: off unstructured, on with N:M)")
+                                          "(default as released: off unstructured, on with N:M)",
+                                    applies=("faithful", True))
     estimate: str = option("hessian", "default variant: reconstruction error from `hessian` (exact, X^T X) or "
                                       "`diagonal` (channel means and variances, no Hessian)",
-                           choices=("hessian", "diagonal"))
+                           choices=("hessian", "diagonal"), applies=("faithful", False))
     refine: tuple[str, ...] = option((), "module-name globs of the pruned layers to refine (default: all; the "
                                          "authors refine attention only: `*attn*`)")
     sequential: bool = option(True, "statistics of block l come from the pruned blocks before it (true) or from "

@@ -21,10 +21,11 @@ class ECoFLaPConfig(PruningConfig):
                                  "passes only (`zeroth`)", choices=ORDERS)
     perturb: str = option("all", "zeroth order: perturb every targeted weight at once (`all`, 2 passes per window), "
                                  "each `block` or each `tensor` in turn (2 passes per block or tensor)",
-                          choices=PERTURBATIONS)
-    noise_samples: int = option(1, "zeroth order: random directions per window")
-    noise_seed: int = option(0, "zeroth order: seed of the random directions (its own generator)")
-    eps: float = option(1e-3, "zeroth order: size of the perturbation")
+                          choices=PERTURBATIONS, applies=("order", "zeroth"))
+    noise_samples: int = option(1, "zeroth order: random directions per window", applies=("order", "zeroth"))
+    noise_seed: int = option(0, "zeroth order: seed of the random directions (its own generator)",
+                             applies=("order", "zeroth"))
+    eps: float = option(1e-3, "zeroth order: size of the perturbation", applies=("order", "zeroth"))
     score_windows: int = option(8, "calibration windows (or image-caption pairs) stage 1 uses (the first ones; "
                                    "0 = all)")
     grouping: str = option("block", "one sparsity per `block` or per `tensor`", choices=("block", "tensor"))

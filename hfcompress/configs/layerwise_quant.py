@@ -29,8 +29,8 @@ class LayerwiseQuantConfig(QuantizationConfig):
     score: str = option("lim", "block importance: `lim` (input/output cosine on calibration data), `zd` (weight "
                                "z-scores, no data), `random`, `reverse` (LIM reversed)", choices=SCORES)
     zd_direction: str = option("low", "with score zd: whether a `low` or a `high` share of large weights marks an "
-                                      "important block", choices=("low", "high"))
-    shuffle_seed: int = option(0, "seed of the `random` order")
+                                      "important block", choices=("low", "high"), applies=("score", "zd"))
+    shuffle_seed: int = option(0, "seed of the `random` order", applies=("score", "random"))
     layer_bits: tuple[int, ...] = option((), "explicit bit-width of every block, in order (instead of score and "
                                              "avg_bits)")
     quantizer: str = option("rtn", "quantizer under the allocation", choices=("rtn", "gptq"))

@@ -28,8 +28,9 @@ class SparseGPTConfig(PruningConfig):
         if self.block_size < 1:
             raise InvalidOptionError(f"block_size must be >= 1, got {self.block_size}")
         if self.nm and self.block_size % self.nm[1]:
-            raise InvalidOptionError(f"block_size {self.block_size} must be a multiple of M={self.nm[1]} for "
-                                     f"pattern {self.pattern}")
+            raise InvalidOptionError(f"pattern {self.pattern}: SparseGPT chooses the N:M mask inside blocks of "
+                                     f"--block-size columns ({self.block_size}), which M={self.nm[1]} must divide; "
+                                     f"pick such an M (e.g. --pattern 2:4) or a --block-size that M divides")
 
 
 register(SparseGPTConfig, transform="hfcompress.methods.sparsegpt:sparsegpt",
