@@ -59,6 +59,11 @@ def preflight(recipe: Recipe, token: str | None = None, log: Callable[[str], Non
     if warning:
         log(f"warning: {warning}")
     recipe = resolve_defaults(recipe, resolved, device)
+    for step in recipe.steps:  # ecoflap's stage 1 reads the first score_windows windows: say when there are fewer
+        wanted, there = getattr(step, "score_windows", 0), recipe.calibration.n_samples
+        if wanted > there:
+            log(f"note: {type(step).method} scores on the {there} calibration windows there are "
+                f"(score_windows {wanted}; --n-samples {there})")
     memory = memory_parts(resolved, recipe, device)
     check_memory(memory)
     return Preflight(recipe, device, resolved, source, planned, memory)

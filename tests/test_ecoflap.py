@@ -184,3 +184,12 @@ def test_an_encoder_is_scored_by_its_sentence_embedding_objective(tiny, order):
     single = CalibrationData(torch.randint(0, 1000, (1, 24)))
     with pytest.raises(HfCompressError, match="at least 2"):
         hfcompress.available_methods()["ecoflap"].transform(model, config, Context(calibration=single))
+
+
+def test_fewer_calibration_windows_than_score_windows_is_said_before_loading(tiny):
+    from hfcompress.preflight import preflight
+
+    lines = []
+    preflight(hfcompress.Recipe.from_dict({"model": tiny("llama"), "steps": [{"method": "ecoflap"}],
+                                           "calibration": {"n_samples": 3, "seq_len": 16}}), log=lines.append)
+    assert "note: ecoflap scores on the 3 calibration windows there are (score_windows 8; --n-samples 3)" in lines
