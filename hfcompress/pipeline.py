@@ -208,16 +208,18 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     before, before_cached = {}, False
     eval_dtype = run.compute_dtype if ev.dtype == "compute" else None
     if ev.enabled:
-        def measure_before() -> dict[str, Any]:
-            return measure(model, resolved.family, device, windows, structure=source, sparsity=pruned,
-                           quantized=quantizes, speed=ev.speed, desc="before", storage_dtype=storage_dtype,
-                           tokenizer=tokenizer, compute_dtype=eval_dtype)
+        def measure_before() -> dict[str, Any]:  # the cheap sparsity and bits too, so that any method reuses it
+            return measure(model, resolved.family, device, windows, structure=source, sparsity=True, quantized=True,
+                           speed=ev.speed, desc="before", storage_dtype=storage_dtype, tokenizer=tokenizer,
+                           compute_dtype=eval_dtype)
 
         key = None if ev.remeasure else before_key(resolved, windows, {
             "family": resolved.family, "dtype": model.dtype, "storage": storage_dtype, "device": device,
-            "structure": source.to_dict(), "sparsity": pruned, "quantized": quantizes, "speed": ev.speed,
-            "threads": torch.get_num_threads(), "eval_dtype": eval_dtype})
+            "structure": source.to_dict(), "speed": ev.speed, "threads": torch.get_num_threads(),
+            "eval_dtype": eval_dtype})
         before, before_cached = cached_measurement(key, measure_before) if key else (measure_before(), False)
+        kept = {"sparsity": pruned, "nominal_bits": quantizes}   # the rows this run's table has
+        before = {name: value for name, value in before.items() if kept.get(name, True)}
         if before_cached:
             log("before: the numbers an earlier run measured on the same weights, windows and settings "
                 "(--remeasure to measure again)")

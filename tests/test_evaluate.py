@@ -134,6 +134,10 @@ def test_a_second_run_reads_the_before_numbers_and_a_changed_setting_measures_ag
     build("llama", changed, seed=1)  # ... and other weights in the same place are measured again
     hfcompress.compress({**recipe, "model": str(changed)}, log=lambda line: None)
     assert calls[7:] == ["after", "after", "before", "after"]
+    quantized = hfcompress.compress({**recipe, "steps": [{"method": "rtn", "bits": 8}]}, log=lambda line: None)
+    assert calls[11:] == ["after"] and quantized.before["perplexity"] == first.before["perplexity"]  # any method
+    assert "nominal_bits" in quantized.before and "sparsity" not in quantized.before
+    assert "sparsity" in first.before and "nominal_bits" not in first.before
 
 
 def test_an_encoder_is_measured_by_its_embeddings_cosine_to_the_original_even_with_cached_before_numbers(tiny):
