@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from .errors import HfCompressError, InvalidOptionError, choices
-from .options import config_fields, field_types, from_values
+from .options import FALSE_WORDS, TRUE_WORDS, config_fields, field_types, from_values
 from .recipe import (
     CalibrationSpec,
     EvaluationSpec,
@@ -298,8 +298,24 @@ def _run(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.folder, 'README.md')}")
 
 
+def with_switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with `true` after each boolean method flag that no boolean word follows, so that `--faithful MODEL`
+    is `--faithful true MODEL` rather than a flag given the model's name."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.values()
+    switches = {flag for command in commands for action in command._actions if action.const == "true"
+                for flag in action.option_strings}
+    out = []
+    for index, token in enumerate(argv):
+        out.append(token)
+        following = argv[index + 1].lower() if index + 1 < len(argv) else ""
+        if token in switches and following not in TRUE_WORDS + FALSE_WORDS:
+            out.append("true")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(with_switch_values(parser, sys.argv[1:] if argv is None else argv))
     try:
         _run(args)
     except HfCompressError as error:

@@ -62,6 +62,9 @@ def field_types(config_class: type) -> dict[str, Any]:
     return typing.get_type_hints(config_class)
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+
+
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     """Convert `value` (possibly a CLI string) to `annotation`: int, float, bool, str, tuple[X, ...], X | None."""
     origin = typing.get_origin(annotation)
@@ -81,9 +84,9 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             raise ValueError  # a mapping or list where one value belongs
         if annotation is bool:
             if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                if value.lower() not in TRUE_WORDS + FALSE_WORDS:
                     raise ValueError
-                return value.lower() in ("true", "1", "yes")
+                return value.lower() in TRUE_WORDS
             return bool(value)
         if annotation is int:
             if isinstance(value, float) and not value.is_integer():

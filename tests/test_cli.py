@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from hfcompress.cli import build_parser, main, recipe_from_args
+from hfcompress.cli import build_parser, main, recipe_from_args, with_switch_values
 from hfcompress.methods.wanda import WandaConfig
 
 
@@ -118,13 +118,19 @@ def test_help_shows_defaults_and_describes_every_command():
 
 
 def test_a_boolean_option_alone_means_true_and_a_bad_word_names_the_good_ones():
-    def faithful(*flags):
-        return recipe_from_args(build_parser().parse_args(["compress", "m", "--method", "dsnot", *flags])).steps[0]
+    def faithful(*flags, model_last=False):
+        parser = build_parser()
+        argv = ["compress", "--method", "dsnot", *flags, "m"] if model_last else \
+            ["compress", "m", "--method", "dsnot", *flags]
+        recipe = recipe_from_args(parser.parse_args(with_switch_values(parser, argv)))
+        assert recipe.model.id == "m"
+        return recipe.steps[0]
 
     assert faithful("--faithful").faithful and faithful("--faithful", "yes").faithful
+    assert faithful("--faithful", model_last=True).faithful                      # the model is not its value
     assert not faithful("--faithful", "false").faithful and not faithful().faithful
     with pytest.raises(Exception, match=r"expects bool \(true/false, yes/no, 1/0\), got 'maybe'"):
-        faithful("--faithful", "maybe")
+        faithful("--faithful=maybe")
 
 
 def test_a_run_without_out_is_saved_to_a_new_folder_named_after_it(tiny, tmp_path, monkeypatch, capsys):
