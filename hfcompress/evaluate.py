@@ -329,12 +329,17 @@ TABLE_ROWS = [
 
 
 def comparison_rows(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(label, before, after) for every metric measured on both sides."""
+    """(label, before, after) for every metric measured on both sides, and for a speed one side could not settle
+    (`not settled` there: the table's note says why)."""
     rows = []
     for key, label, fmt in TABLE_ROWS:
-        if key in before and key in after:
-            render = fmt if callable(fmt) else fmt.format
+        render = fmt if callable(fmt) else fmt.format
+        sides = (before, after)
+        if all(key in side for side in sides):
             rows.append((label, render(before[key]), render(after[key])))
+        elif key.endswith("tokens_per_s") and any(key in side for side in sides) and \
+                all(key in side or "speed_note" in side for side in sides):
+            rows.append((label, *(render(side[key]) if key in side else "not settled" for side in sides)))
     return rows
 
 
