@@ -80,8 +80,7 @@ def _add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS,
                                 help=f.metadata["help"])
         else:
-            shown = f" (default: {f.default})" if f.default not in (None, "", ()) and "default" not in \
-                f.metadata["help"] else ""
+            shown = "" if "default" in f.metadata["help"] else _default_text({section: f.default})
             parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(),
                                 help=f.metadata["help"] + shown)
 

@@ -152,26 +152,26 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, de
     return math.exp(total_nll / total_tokens)
 
 
+def mean_final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """An encoder's final hidden states averaged over the tokens (a mean-pooled sentence embedding), (B, hidden)
+    fp32, for input_ids (B, seq_len), whether or not the model has a head (a masked-LM or a classifier)."""
+    return model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1].float().mean(dim=1)
+
+
 @torch.no_grad()
 def window_embeddings(model: nn.Module, windows: torch.Tensor, device: torch.device,
                       desc: str = "embeddings") -> torch.Tensor:
-    """Each window's final hidden states averaged over its tokens (a mean-pooled sentence embedding), (n, hidden)
-    fp32, for windows (n, seq_len): the model's `last_hidden_state`, or its last `hidden_states` for a model with a
-    head (a masked-LM or a classifier)."""
-    means = []
-    for window in tqdm(windows.split(1), desc=desc, leave=False):
-        output = model(input_ids=window.to(device), output_hidden_states=True)
-        hidden = getattr(output, "last_hidden_state", None)
-        hidden = output.hidden_states[-1] if hidden is None else hidden                # (1, T, hidden)
-        means.append(hidden[0].float().mean(dim=0).cpu())
-    return torch.stack(means)
+    """`mean_final_hidden` of each window (n, seq_len), one at a time: (n, hidden) fp32 on the CPU."""
+    return torch.cat([mean_final_hidden(model, window.to(device)).cpu()
+                      for window in tqdm(windows.split(1), desc=desc, leave=False)])
 
 
-def encoder_reference(model: nn.Module, device: torch.device, windows: torch.Tensor,
-                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The uncompressed encoder's window embeddings, which `measure(reference=...)` compares the compressed one to."""
+def encoder_embeddings(model: nn.Module, device: torch.device, windows: torch.Tensor,
+                       compute_dtype: torch.dtype | None = None, desc: str = "before") -> torch.Tensor:
+    """`window_embeddings` with the model on `device`, computing in `compute_dtype`: before compression, the
+    reference that `measure(reference=...)` compares the compressed model's to."""
     with on_device(model, device), computing_in(model, compute_dtype):
-        return window_embeddings(model, windows, device, desc="embeddings before")
+        return window_embeddings(model, windows, device, desc=f"embeddings {desc}".strip())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -291,7 +291,7 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
     bits of the block Linear weights when `quantized` (only where something is quantized), perplexity
     and tokens/s of the model in memory (which equals the model as it loads: the tests check it), computed in
     `compute_dtype` when given (on cast copies of the weights, which are left as they were). For a text encoder
-    given the `encoder_reference` of its uncompressed self: the mean cosine similarity of the window embeddings to
+    given the `encoder_embeddings` of its uncompressed self: the mean cosine similarity of the window embeddings to
     the reference's."""
     parameters = parameter_count(model)
     metrics: dict[str, Any] = {"parameters": parameters,
@@ -308,8 +308,7 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
             if tokenizer is not None and family == "causal-lm":
                 metrics["samples"] = greedy_samples(model, tokenizer, device)
     if family == "encoder" and windows is not None and reference is not None:
-        with on_device(model, device), computing_in(model, compute_dtype):
-            embeddings = window_embeddings(model, windows, device, desc=f"embeddings {desc}".strip())
+        embeddings = encoder_embeddings(model, device, windows, compute_dtype, desc)
         cosine = nn.functional.cosine_similarity(embeddings, reference, dim=1)       # (n_windows,)
         metrics["embedding_cosine"] = round(cosine.mean().item(), 6)
     return metrics

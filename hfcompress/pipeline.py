@@ -29,7 +29,7 @@ from .calibration import (
 )
 from .card import render_card
 from .context import Context, Progress
-from .evaluate import encoder_reference, folder_weights_bytes, format_table, measure, quality_metric, size_metrics
+from .evaluate import encoder_embeddings, folder_weights_bytes, format_table, measure, quality_metric, size_metrics
 from .formats import save_model, staged_folder, write_metadata
 from .hub import push
 from .loading import (
@@ -193,7 +193,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
                                        c.subset)
     if ev.enabled and calibration and evaluates_on_calibration_text(recipe):
         log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
-    windows = evaluation_windows(tokenizer, ev, quality_metric(resolved.family, base_architectures(resolved.config)))
+    metric = quality_metric(resolved.family, base_architectures(resolved.config))
+    windows = evaluation_windows(tokenizer, ev, metric)
 
     passes_note = f", calibration passes in {str(run.compute_dtype).removeprefix('torch.')}" if calibration else ""
     log(f"loading {recipe.model.id} on cpu (compute device: {device}{passes_note})")
@@ -224,8 +225,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
             log("before: the numbers an earlier run measured on the same weights, windows and settings "
                 "(--remeasure to measure again)")
     # a text encoder is measured by how close its embeddings stay to the uncompressed model's: these (not cached)
-    reference = (encoder_reference(model, device, windows, eval_dtype)
-                 if ev.enabled and resolved.family == "encoder" and windows is not None else None)
+    reference = (encoder_embeddings(model, device, windows, eval_dtype)
+                 if metric == "embedding_cosine" and windows is not None else None)
     if reference is not None:
         before["embedding_cosine"] = 1.0
 

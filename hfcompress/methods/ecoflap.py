@@ -48,6 +48,7 @@ from ..calibration import CalibrationData
 from ..configs.ecoflap import ECoFLaPConfig
 from ..context import Context
 from ..errors import InvalidOptionError
+from ..evaluate import mean_final_hidden
 from ..loading import model_family
 from ..registry import Report
 from ..sequential import (
@@ -102,8 +103,7 @@ def sentence_embedding_loss(model: nn.Module, batch: torch.Tensor, temperature: 
     batch's (symmetric InfoNCE on cosine / `temperature`, fp32). Needs B >= 2."""
     half = batch.shape[1] // 2
     spans = torch.cat([batch[:, :half], batch[:, half:2 * half]])              # (2B, seq / 2)
-    hidden = model(input_ids=spans, output_hidden_states=True).hidden_states[-1].float()
-    first, second = F.normalize(hidden.mean(dim=1), dim=-1).chunk(2)           # (B, hidden) each
+    first, second = F.normalize(mean_final_hidden(model, spans), dim=-1).chunk(2)  # (B, hidden) each
     logits = first @ second.t() / temperature                                  # (B, B)
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
