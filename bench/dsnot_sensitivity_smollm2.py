@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 
+import record
 import torch
 from sparsity_vs_llmcompressor import RESULTS, common_parser, masks, prepare
 
@@ -53,7 +52,7 @@ def main() -> None:
         same = sum((found[False][n] == found[True][n]).sum().item() for n in found[False])
         rows[-1]["mask_agreement"] = same / sum(m.numel() for m in found[False].values())
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "machine": record.machine(),
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)}}
     (RESULTS / "dsnot_sensitivity_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"SmolLM2-135M, wanda + dsnot at 60 %, every layer refined; {meta['machine']}, {meta['date']}.", "",

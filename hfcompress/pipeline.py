@@ -208,16 +208,17 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     run.report(0.02, "measuring the model before compression")
     before, before_cached = {}, False
     eval_dtype = run.compute_dtype if ev.dtype == "compute" else None
+    samples_by = tokenizer if ev.samples else None     # the tokenizer of the greedy answers, when the card shows them
     if ev.enabled:
         def measure_before() -> dict[str, Any]:  # the cheap sparsity and bits too, so that any method reuses it
             return measure(model, resolved.family, device, windows, structure=source, sparsity=True, quantized=True,
-                           speed=ev.speed, desc="before", storage_dtype=storage_dtype, tokenizer=tokenizer,
-                           compute_dtype=eval_dtype)
+                           speed=ev.speed, desc="before", storage_dtype=storage_dtype,
+                           tokenizer=samples_by, compute_dtype=eval_dtype)
 
         key = None if ev.remeasure else before_key(resolved, windows, {
             "family": resolved.family, "dtype": model.dtype, "storage": storage_dtype, "device": device,
-            "structure": source.to_dict(), "speed": ev.speed, "threads": torch.get_num_threads(),
-            "eval_dtype": eval_dtype})
+            "structure": source.to_dict(), "speed": ev.speed, "samples": ev.samples,
+            "threads": torch.get_num_threads(), "eval_dtype": eval_dtype})
         before, before_cached = cached_measurement(key, measure_before) if key else (measure_before(), False)
         kept = {"sparsity": pruned, "nominal_bits": quantizes}   # the rows this run's table has
         before = {name: value for name, value in before.items() if kept.get(name, True)}
@@ -249,7 +250,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     pruned = pruned or "sparse" in structure.kinds
     after = (measure(model, resolved.family, device, windows, structure=structure, sparsity=pruned,
                      quantized=quantizes or "quantized" in structure.kinds, speed=ev.speed, desc="after",
-                     storage_dtype=storage_dtype, tokenizer=tokenizer, compute_dtype=eval_dtype, reference=reference)
+                     storage_dtype=storage_dtype, tokenizer=samples_by, compute_dtype=eval_dtype, reference=reference)
              if ev.enabled else {})
 
     passes = run.compute_dtype or model.dtype

@@ -20,6 +20,7 @@ from .options import options_text
 from .recipe import CalibrationSpec, Recipe
 from .registry import Report, calibrating_steps, get_method
 from .resources import GiB, check_memory, run_memory
+from .sequential import find_linears, named_blocks, weight_matrix
 from .structure import Structure
 
 
@@ -59,14 +60,36 @@ def preflight(recipe: Recipe, token: str | None = None, log: Callable[[str], Non
     if warning:
         log(f"warning: {warning}")
     recipe = resolve_defaults(recipe, resolved, device)
-    for step in recipe.steps:  # ecoflap's stage 1 reads the first score_windows windows: say when there are fewer
-        wanted, there = getattr(step, "score_windows", 0), recipe.calibration.n_samples
-        if wanted > there:
-            log(f"note: {type(step).method} scores on the {there} calibration windows there are "
-                f"(score_windows {wanted}; --n-samples {there})")
+    for note in calibration_notes(recipe, resolved):
+        log(f"note: {note}")
     memory = memory_parts(resolved, recipe, device)
     check_memory(memory)
     return Preflight(recipe, device, resolved, source, planned, memory)
+
+
+def calibration_notes(recipe: Recipe, resolved: ResolvedModel) -> list[str]:
+    """What a run with these calibration windows gets less of than its options suggest (not errors: it runs)."""
+    notes, calibration = [], recipe.calibration
+    for step in recipe.steps:  # ecoflap's stage 1 reads the first score_windows windows: say when there are fewer
+        wanted = getattr(step, "score_windows", 0)
+        if wanted > calibration.n_samples:
+            notes.append(f"{type(step).method} scores on the {calibration.n_samples} calibration windows there are "
+                         f"(score_windows {wanted}; --n-samples {calibration.n_samples})")
+    solvers = [type(step).method for step in recipe.steps if get_method(type(step).method).uses_hessian(step)]
+    if solvers and resolved.family in ("causal-lm", "encoder"):  # text windows: their tokens are what X^T X sums
+        tokens = calibration.n_samples * calibration.seq_len
+        inputs = [(weight_matrix(layer).shape[1], name) for _, block in named_blocks(model_skeleton(resolved))
+                  for name, layer in find_linears(block).items()]               # (width, name within its block)
+        width, layer = max(inputs, key=lambda found: found[0])
+        if tokens < 2 * width:
+            solvers = list(dict.fromkeys(solvers))
+            fit = ("fewer tokens than inputs, so it is singular and fits those tokens rather than the text"
+                   if tokens < width else "under twice as many tokens as inputs, so it fits those tokens more than "
+                                          "the text")
+            notes.append(f"{' and '.join(solvers)} solve{'s' if len(solvers) == 1 else ''} with each layer's input "
+                         f"Hessian X^T X, here from {tokens} calibration tokens for inputs up to {width} wide "
+                         f"({layer}): {fit}; give at least {2 * width} (--n-samples x --seq-len)")
+    return notes
 
 
 def plan(resolved: ResolvedModel, recipe: Recipe, source: Structure | None = None) -> Structure:

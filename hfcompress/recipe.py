@@ -74,6 +74,8 @@ class EvaluationSpec:
                                        "model's context)")
     n_windows: int | None = option(32, "number of windows (None: the whole text)")
     speed: bool = option(True, "measure prefill and decode tokens/s")
+    samples: bool = option(True, "greedy answers of the model before and after to three fixed prompts, side by side "
+                                 "in the card (causal LMs; a few seconds on a CPU)")
     remeasure: bool = option(False, "measure the model before compression even when an earlier run recorded the "
                                     "same weights, windows and settings (kept in ~/.cache/hfcompress)")
     text_field: str = option("text", "field holding the text in .jsonl files and datasets")

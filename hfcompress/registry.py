@@ -70,6 +70,7 @@ class MethodSpec:
     summary: str
     check_ref: Callable[[Any, Any], Any] | str | None = None
     changes: str | None = None
+    hessian: bool | Callable[[Any], bool] = False
 
     @property
     def transform(self) -> Callable[..., Report]:
@@ -84,6 +85,10 @@ class MethodSpec:
     def calibrates(self, config: Any) -> bool:
         """Whether this step, with these options, needs calibration batches."""
         return self.needs_calibration(config) if callable(self.needs_calibration) else self.needs_calibration
+
+    def uses_hessian(self, config: Any) -> bool:
+        """Whether this step, with these options, solves with each layer's input Hessian X^T X."""
+        return self.hessian(config) if callable(self.hessian) else self.hessian
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -117,6 +122,7 @@ def register(
     check: Callable[[Any, Any], Any] | str | None = None,
     changes: str | None = None,
     transform: str | None = None,
+    hessian: bool | Callable[[Any], bool] = False,
 ) -> Callable[[Callable[..., Report]], Callable[..., Report]] | None:
     """Register `transform(model, config, context) -> Report` as the method named `config_class.method`: used as a
     decorator on the transform, or called with `transform="module:function"` (and `summary`), which registers at
@@ -142,6 +148,9 @@ def register(
         changes: the kind of change the step makes to those modules (`sparse`, `quantized`, `lowrank`,
             `dropped`), so that a step that cannot follow an earlier one is refused before loading.
         transform: `"module:function"` of the transform, to register without importing it.
+        hessian: whether the transform solves with each layer's input Hessian X^T X, or `hessian(config)`: such a
+            step needs more calibration tokens than the widest input it sees (X^T X has rank at most the token
+            count), and preflight says when there are too few.
     """
     if not (dataclasses.is_dataclass(config_class) and config_class.__dataclass_params__.frozen):
         raise TypeError(f"{config_class!r} must be a frozen dataclass: decorate it with @dataclass(frozen=True)")
@@ -165,7 +174,7 @@ def register(
                 existing.transform_ref.__module__
             raise TypeError(f"a method named {name!r} is already registered (by {where}); pick another name")
         _METHODS[name] = MethodSpec(name, config_class, ref, paper, needs_calibration, tuple(supports), line, check,
-                                    changes)
+                                    changes, hessian)
 
     if transform is not None:
         if not summary:

@@ -18,7 +18,7 @@ TOKEN = "hf_TestTokenThatMustNeverBeWritten"
 def _compress(tiny, out, **output):
     return hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "wanda", "sparsity": 0.5}],
                                 "calibration": {"n_samples": 4, "seq_len": 32},
-                                "evaluation": {"seq_len": 64, "n_windows": 2, "speed": False},
+                                "evaluation": {"seq_len": 64, "n_windows": 2, "speed": False, "samples": False},
                                 "output": {"dir": str(out), **output}}, log=lambda line: None)
 
 

@@ -108,7 +108,7 @@ def test_bad_input_is_refused_before_loading(tiny, monkeypatch):
 def test_svd_mode_needs_no_calibration_and_the_card_shows_the_ranks(tiny, tmp_path):
     lines = []
     result = hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "lord", "mode": "svd"}],
-                                  "evaluation": {"seq_len": 64, "n_windows": 2, "speed": False},
+                                  "evaluation": {"seq_len": 64, "n_windows": 2, "speed": False, "samples": False},
                                   "output": {"dir": str(tmp_path / "out")}}, log=lines.append)
     assert not any(line.startswith("calibration") for line in lines)
     stats = result.reports[0].stats

@@ -18,7 +18,7 @@ from tests.test_bad_input import no_weights  # noqa: F401  (fixture)
 from tests.tiny_models import fingerprint, reloaded_outputs, same_outputs
 
 FAST = {"calibration": {"n_samples": 4, "seq_len": 32}, "evaluation": {"seq_len": 64, "n_windows": 2,
-                                                                        "speed": False}}
+                                                                        "speed": False, "samples": False}}
 
 
 def test_magnitude_then_rtn_keeps_the_zeros_and_round_trips(tiny, tmp_path):
@@ -131,3 +131,31 @@ def test_later_steps_are_checked_against_the_skeleton_as_earlier_steps_left_it(t
     assert set(planned.modules) == {f"model.layers.1.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj",
                                                                      "self_attn.v_proj", "self_attn.o_proj",
                                                                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+@pytest.mark.parametrize("step,windows,said", [
+    ({"method": "sparsegpt"}, (4, 16), "sparsegpt solves"),              # 64 tokens, inputs up to 128 wide
+    ({"method": "gptq", "bits": 4}, (8, 24), "gptq solves"),              # 192: not singular, under twice 128
+    ({"method": "dsnot"}, (4, 16), "dsnot solves"),                       # its default error uses the Hessian
+    ({"method": "dsnot", "estimate": "diagonal"}, (4, 16), None),         # channel statistics only
+    ({"method": "layerwise_quant", "bits": [4, 2], "avg_bits": 3, "quantizer": "gptq"}, (4, 16),
+     "layerwise_quant solves"),
+    ({"method": "layerwise_quant", "bits": [4, 2], "avg_bits": 3}, (4, 16), None),  # rtn under the allocation
+    ({"method": "wanda"}, (4, 16), None),
+    ({"method": "sparsegpt"}, (16, 16), None),                           # twice the widest input: enough
+])
+def test_too_few_tokens_for_a_hessian_is_said_before_loading(tiny, step, windows, said):
+    from hfcompress.preflight import preflight
+
+    lines = []
+    recipe = {"model": tiny("llama"), "steps": [step], "calibration": {"n_samples": windows[0], "seq_len": windows[1]}}
+    preflight(hfcompress.Recipe.from_dict(recipe), log=lines.append)
+    notes = [line for line in lines if "X^T X" in line]
+    tokens = windows[0] * windows[1]
+    if said is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith(f"note: {said} with each layer's input Hessian X^T X, here "
+                                                       f"from {tokens} calibration tokens for inputs up to 128 wide "
+                                                       "(mlp.down_proj)")
+        assert ("singular" in notes[0]) == (tokens < 128) and "give at least 256 (--n-samples x --seq-len)" in notes[0]

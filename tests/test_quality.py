@@ -8,7 +8,7 @@ import hfcompress
 from tests.tiny_models import fingerprint, minilm_folder, reloaded_outputs, same_outputs
 
 FAST = {"calibration": {"n_samples": 16, "seq_len": 256}, "evaluation": {"seq_len": 256, "n_windows": 8,
-                                                                          "speed": False}}
+                                                                          "speed": False, "samples": False}}
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +116,18 @@ def test_smollm2_layerwise_3_5_bits_and_a_target_size(smollm2, tmp_path):
     assert 0.98 * target <= folder_weights_bytes(tmp_path / "mb") <= target
 
 
-def test_smollm2_rtn_4bit_loads_plainly_with_true_bits_and_small_blocks(smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_rtn4(smollm2, tmp_path_factory):
+    """SmolLM2-135M after `rtn` 4-bit, groups of 64, saved: (result, folder)."""
+    out = tmp_path_factory.mktemp("rtn") / "out"
+    return hfcompress.compress({"model": smollm2, "steps": [{"method": "rtn", "bits": 4, "group_size": 64}],
+                                **FAST, "output": {"dir": str(out)}}, log=lambda line: None), out
+
+
+def test_smollm2_rtn_4bit_loads_plainly_with_true_bits_and_small_blocks(smollm2_rtn4, tmp_path):
     import json
 
-    out = tmp_path / "rtn"
-    result = hfcompress.compress({"model": smollm2, "steps": [{"method": "rtn", "bits": 4, "group_size": 64}],
-                                  **FAST, "output": {"dir": str(out)}}, log=lambda line: None)
+    result, out = smollm2_rtn4
     dense, quantized = result.before["perplexity"], result.after["perplexity"]
     print(f"SmolLM2-135M perplexity: dense {dense:.2f}, rtn 4-bit g64 {quantized:.2f}")
     assert dense < quantized < 1.5 * dense
@@ -142,11 +148,10 @@ def test_smollm2_rtn_4bit_loads_plainly_with_true_bits_and_small_blocks(smollm2,
         assert isinstance(logits, torch.Tensor) and same_outputs(logits, expected), loader
 
 
-def test_smollm2_gptq_4bit_loses_less_than_rtn(smollm2):
-    ppl = {}
-    for method in ("rtn", "gptq"):
-        result = hfcompress.compress({"model": smollm2, "steps": [{"method": method, "bits": 4, "group_size": 64}],
-                                      **FAST, "output": {}}, log=lambda line: None)
-        dense, ppl[method] = result.before["perplexity"], result.after["perplexity"]
+def test_smollm2_gptq_4bit_loses_less_than_rtn(smollm2, smollm2_rtn4):
+    result = hfcompress.compress({"model": smollm2, "steps": [{"method": "gptq", "bits": 4, "group_size": 64}],
+                                  **FAST, "output": {}}, log=lambda line: None)
+    dense, ppl = result.before["perplexity"], {"rtn": smollm2_rtn4[0].after["perplexity"],
+                                               "gptq": result.after["perplexity"]}
     print(f"SmolLM2-135M perplexity: dense {dense:.2f}, rtn 4-bit {ppl['rtn']:.2f}, gptq 4-bit {ppl['gptq']:.2f}")
     assert dense < ppl["gptq"] and ppl["gptq"] - dense < 0.8 * (ppl["rtn"] - dense)

@@ -107,12 +107,12 @@ def image_folder(folder: str | Path, count: int, seed: int = 0) -> str:
     return str(folder)
 
 
-RELOAD = """
-import importlib.machinery, os, sys
-location, out, hidden = sys.argv[1], sys.argv[2], sys.argv[3:]
+# Makes the packages named in `hidden` look uninstalled to every import after it (a no-op where it already ran).
+HIDE = """
+import importlib.machinery, sys
 
 
-class Hide(importlib.machinery.PathFinder):  # makes the `hidden` packages look uninstalled
+class Hide(importlib.machinery.PathFinder):
     @classmethod
     def find_spec(cls, name, path=None, target=None):
         if name.partition(".")[0] in hidden:
@@ -121,6 +121,11 @@ class Hide(importlib.machinery.PathFinder):  # makes the `hidden` packages look 
 
 
 sys.meta_path = [Hide if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+"""
+RELOAD = """
+import os, sys
+location, out, hidden = sys.argv[1], sys.argv[2], sys.argv[3:]
+""" + HIDE + """
 import torch, transformers
 import hfcompress
 sys.path.insert(0, os.getcwd())
@@ -156,10 +161,13 @@ loading (or the error message), with the PACKAGEs hidden as if they were not ins
 
 
 # A process that has imported torch, transformers and hfcompress (and done nothing else) forks one child per reload:
-# each child is a fresh process that never saw the tests' compression, without paying the imports again. Reloads that
-# hide packages, or run in another environment, start their own interpreter instead.
+# each child is a fresh process that never saw the tests' compression, without paying the imports again. Reloads
+# that hide packages fork from a process that hid them before its imports (one per set of hidden names); reloads in
+# another environment start their own interpreter.
 ZYGOTE = """
 import json, os, sys, traceback
+hidden = sys.argv[1:]
+""" + HIDE + """
 import torch, transformers, hfcompress
 for line in sys.stdin:
     argv, env, script = json.loads(line)
@@ -181,23 +189,23 @@ for line in sys.stdin:
         os._exit(code)
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
-_zygote: subprocess.Popen | None = None
+_zygotes: dict[tuple[str, ...], subprocess.Popen] = {}   # hidden package names -> their zygote
 
 
-def _forked_reload(argv: list[str]) -> bool:
-    """Run RELOAD with `argv` in a fork of the zygote; False when that could not be done (the caller then runs it in
-    a new interpreter, which also gives the error output)."""
-    global _zygote
+def _forked_reload(argv: list[str], hide: tuple[str, ...]) -> bool:
+    """Run RELOAD with `argv` in a fork of the zygote that hides `hide`; False when that could not be done (the
+    caller then runs it in a new interpreter, which also gives the error output)."""
     if not hasattr(os, "fork"):
         return False
-    if _zygote is None or _zygote.poll() is not None:
-        _zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True, cwd=ROOT_DIR)
-        atexit.register(_zygote.kill)
-    _zygote.stdin.write(json.dumps([argv, dict(os.environ), RELOAD]) + "\n")
-    _zygote.stdin.flush()
-    answer = _zygote.stdout.readline()
-    return answer.strip() == "0"
+    zygote = _zygotes.get(hide)
+    if zygote is None or zygote.poll() is not None:
+        zygote = _zygotes[hide] = subprocess.Popen([sys.executable, "-c", ZYGOTE, *hide], stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                                   cwd=ROOT_DIR)
+        atexit.register(zygote.kill)
+    zygote.stdin.write(json.dumps([argv, dict(os.environ), RELOAD]) + "\n")
+    zygote.stdin.flush()
+    return zygote.stdout.readline().strip() == "0"
 
 
 def reloaded_outputs(location: str, tmp_path: Path, env: dict | None = None,
@@ -207,7 +215,7 @@ def reloaded_outputs(location: str, tmp_path: Path, env: dict | None = None,
     that fails gives its error message instead of a tensor."""
     out = tmp_path / "reloaded.pt"
     argv = [location, str(out), *hide]
-    if env is not None or hide or not _forked_reload(argv):
+    if env is not None or not _forked_reload(argv, hide):
         result = subprocess.run([sys.executable, "-c", RELOAD, *argv], capture_output=True, text=True,
                                 cwd=ROOT_DIR, env=env, timeout=600)
         assert result.returncode == 0, f"reloading {location} failed:\n{result.stderr[-3000:]}"

@@ -45,8 +45,16 @@ class DSnoTConfig(PruningConfig):
             raise InvalidOptionError(f"power must be >= 0, got {self.power}")
 
 
+def dsnot_statistics(config: DSnoTConfig) -> tuple[str, ...]:
+    """The input statistics a run needs: channel means only where an error or estimate uses them."""
+    exact = not config.faithful and config.estimate == "hessian"
+    return (("sq_sum",) + (() if exact else ("sum",)) + (("hessian",) if exact or config.init == "sparsegpt" else ())
+            + (("window_variance",) if config.faithful else ()))
+
+
 register(DSnoTConfig, transform="hfcompress.methods.dsnot:dsnot", check="hfcompress.sparsity:pruning_check",
          paper="https://arxiv.org/abs/2310.08915", needs_calibration=True,
+         hessian=lambda config: "hessian" in dsnot_statistics(config),
          supports=("causal-lm", "encoder", "vision-language"), changes="sparse",
          summary="DSnoT: refine a Wanda, magnitude or SparseGPT mask by prune-and-grow swaps within each row,"
                  " no training.")

@@ -63,6 +63,6 @@ class ECoFLaPConfig(PruningConfig):
 register(ECoFLaPConfig, transform="hfcompress.methods.ecoflap:ecoflap", check="hfcompress.sparsity:pruning_check",
          paper="https://arxiv.org/abs/2310.02998", needs_calibration=True,
          supports=("causal-lm", "encoder", "vision-language"),
-         changes="sparse",
+         changes="sparse", hessian=lambda config: config.local == "sparsegpt",
          summary="ECoFLaP: per-block sparsity from a global (zeroth- or first-order) loss score, then Wanda "
                  "inside each layer.")

@@ -32,6 +32,6 @@ class GPTQConfig(QuantizationConfig):
 
 register(GPTQConfig, transform="hfcompress.methods.gptq:gptq", check="hfcompress.quantization:quantization_check",
          paper="https://arxiv.org/abs/2210.17323", needs_calibration=True, supports=("causal-lm", "encoder"),
-         changes="quantized",
+         changes="quantized", hessian=True,
          summary="GPTQ: quantize column by column, spreading each rounding error over the columns left "
                  "(inverse Hessian).")

@@ -58,5 +58,6 @@ class LayerwiseQuantConfig(QuantizationConfig):
 register(LayerwiseQuantConfig, transform="hfcompress.methods.layerwise_quant:layerwise_quant",
          check="hfcompress.methods.layerwise_quant:layerwise_check", paper="https://arxiv.org/abs/2406.17415",
          needs_calibration=True, supports=("causal-lm", "encoder"), changes="quantized",
+         hessian=lambda config: config.quantizer == "gptq",
          summary="Layer-wise quantization: rank the blocks by importance and give the least important ones "
                  "fewer bits.")

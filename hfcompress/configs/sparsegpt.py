@@ -35,6 +35,6 @@ class SparseGPTConfig(PruningConfig):
 
 register(SparseGPTConfig, transform="hfcompress.methods.sparsegpt:sparsegpt",
          check="hfcompress.sparsity:pruning_check", paper="https://arxiv.org/abs/2301.00774", needs_calibration=True,
-         supports=("causal-lm", "encoder", "vision-language"), changes="sparse",
+         supports=("causal-lm", "encoder", "vision-language"), changes="sparse", hessian=True,
          summary="SparseGPT: prune with the inverse Hessian of the inputs, updating the kept weights to "
                  "compensate.")

@@ -38,7 +38,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from ..configs.dsnot import DSnoTConfig
+from ..configs.dsnot import DSnoTConfig, dsnot_statistics
 from ..context import Context
 from ..registry import Report
 from ..sparsity import keep_mask, prune_blocks
@@ -229,9 +229,10 @@ def row_min(values: torch.Tensor, width: int = 64) -> tuple[torch.Tensor, torch.
     """`values.min(dim=1)` of a (rows, cols) tensor, the first index on ties, about 3x faster on a CPU: torch's
     index-returning min is not vectorized there and `amin` is, so `amin` finds the best chunk of columns of each row
     and the index-returning min then searches that chunk alone. Chunks are `width` columns at most: the widest
-    that divides `cols` from `width / 2 + 1` up, else `width` with the row padded."""
+    that divides `cols` from `width / 2 + 1` up, else `width` with the row padded. Rows shorter than three chunks
+    (the group scores of an N:M search of a 576-wide layer: 144) take `min` itself, which is faster there."""
     rows, cols = values.shape
-    if cols <= width:
+    if cols < 3 * width:
         return values.min(dim=1)
     width = next((w for w in range(width, width // 2, -1) if cols % w == 0), width)  # no padding copy if it can
     padded = nn.functional.pad(values, (0, -cols % width), value=torch.inf) if cols % width else values
@@ -273,13 +274,6 @@ def refine_layer(weight: torch.Tensor, stats: InputStatistics, name: str, ratio:
         keep, swaps = refine_mask(weight, pruned, keep, hessian, nm=nm, cycles=config.cycles)
     new_weight = None if current is None else torch.where(keep & ~initial_keep, weight, pruned * keep)
     return keep, new_weight, swaps
-
-
-def dsnot_statistics(config: DSnoTConfig) -> tuple[str, ...]:
-    """The input statistics a run needs: channel means only where an error or estimate uses them."""
-    exact = not config.faithful and config.estimate == "hessian"
-    return (("sq_sum",) + (() if exact else ("sum",)) + (("hessian",) if exact or config.init == "sparsegpt" else ())
-            + (("window_variance",) if config.faithful else ()))
 
 
 def dsnot(model: nn.Module, config: DSnoTConfig, context: Context) -> Report:
