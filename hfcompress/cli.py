@@ -237,7 +237,7 @@ def _run(args: argparse.Namespace) -> None:
         print(methods_table())
     elif args.command == "compress":
         recipe = recipe_from_args(args)  # every option error surfaces here, before torch is imported
-        recipe.validate()                # and the output folder, the push target: no heavy import either
+        recipe.validate()                # and the output folder and push target, still without torch
         if args.dry_run:
             from .preflight import describe, preflight
 

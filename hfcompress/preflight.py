@@ -75,20 +75,28 @@ def calibration_notes(recipe: Recipe, resolved: ResolvedModel) -> list[str]:
         if wanted > calibration.n_samples:
             notes.append(f"{type(step).method} scores on the {calibration.n_samples} calibration windows there are "
                          f"(score_windows {wanted}; --n-samples {calibration.n_samples})")
-    solvers = [type(step).method for step in recipe.steps if get_method(type(step).method).uses_hessian(step)]
-    if solvers and resolved.family in ("causal-lm", "encoder"):  # text windows: their tokens are what X^T X sums
+    # X^T X sums text tokens: a vision-language model's image patches would not be counted here
+    hessian_steps = [step for step in recipe.steps if get_method(type(step).method).uses_hessian(step)]
+    if hessian_steps and resolved.family in ("causal-lm", "encoder"):
         tokens = calibration.n_samples * calibration.seq_len
-        inputs = [(weight_matrix(layer).shape[1], name) for _, block in named_blocks(model_skeleton(resolved))
-                  for name, layer in find_linears(block).items()]               # (width, name within its block)
-        width, layer = max(inputs, key=lambda found: found[0])
-        if tokens < 2 * width:
-            solvers = list(dict.fromkeys(solvers))
-            fit = ("fewer tokens than inputs, so it is singular and fits those tokens rather than the text"
-                   if tokens < width else "under twice as many tokens as inputs, so it fits those tokens more than "
-                                          "the text")
-            notes.append(f"{' and '.join(solvers)} solve{'s' if len(solvers) == 1 else ''} with each layer's input "
+        blocks = list(named_blocks(model_skeleton(resolved)))
+        inputs = {}                                            # method -> (widest input it sees, its layer)
+        for step in hessian_steps:
+            for prefix, block in blocks:
+                for name, layer in find_linears(block, getattr(step, "targets", ()), prefix=prefix).items():
+                    width = weight_matrix(layer).shape[1]
+                    if width > inputs.get(type(step).method, (0, ""))[0]:
+                        inputs[type(step).method] = (width, name.removeprefix(prefix + "."))
+        short = {method: found for method, found in inputs.items() if tokens < 2 * found[0]}
+        if short:
+            width, layer = max(short.values(), key=lambda found: found[0])
+            fit = ("fewer tokens than inputs, so X^T X is singular and fits those tokens rather than the text"
+                   if tokens < width else "under twice as many tokens as inputs, so X^T X fits those tokens more "
+                                          "than the text")
+            notes.append(f"{' and '.join(short)} solve{'s' if len(short) == 1 else ''} with each layer's input "
                          f"Hessian X^T X, here from {tokens} calibration tokens for inputs up to {width} wide "
-                         f"({layer}): {fit}; give at least {2 * width} (--n-samples x --seq-len)")
+                         f"({layer}): {fit}; give at least {2 * width} (--n-samples x --seq-len; in a recipe "
+                         "calibration n_samples x seq_len)")
     return notes
 
 

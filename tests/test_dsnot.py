@@ -166,7 +166,7 @@ def test_refine_globs_leave_the_other_layers_on_the_initial_mask(tiny):
     assert report.stats["refined_layers"] <= sum("self_attn" in name for name in wanda)
 
 
-@pytest.mark.parametrize("cols", [10, 64, 65, 192, 576, 1000])
+@pytest.mark.parametrize("cols", [10, 64, 65, 192, 197, 576, 1000])
 def test_row_min_is_torch_min_with_the_first_index_on_ties(cols):
     values = torch.randn(33, cols, generator=torch.Generator().manual_seed(cols)).round(decimals=1)
     values[0] = torch.inf                   # a row with no candidate left

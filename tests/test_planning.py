@@ -143,6 +143,9 @@ def test_later_steps_are_checked_against_the_skeleton_as_earlier_steps_left_it(t
     ({"method": "layerwise_quant", "bits": [4, 2], "avg_bits": 3}, (4, 16), None),  # rtn under the allocation
     ({"method": "wanda"}, (4, 16), None),
     ({"method": "sparsegpt"}, (16, 16), None),                           # twice the widest input: enough
+    ({"method": "sparsegpt", "targets": ["*.self_attn.*"]}, (8, 16), None),  # the layers it prunes: 64 wide
+    ({"method": "lord", "mode": "activation"}, (4, 16), "lord solves"),
+    ({"method": "lord", "mode": "svd"}, (4, 16), None),
 ])
 def test_too_few_tokens_for_a_hessian_is_said_before_loading(tiny, step, windows, said):
     from hfcompress.preflight import preflight
@@ -158,4 +161,4 @@ def test_too_few_tokens_for_a_hessian_is_said_before_loading(tiny, step, windows
         assert len(notes) == 1 and notes[0].startswith(f"note: {said} with each layer's input Hessian X^T X, here "
                                                        f"from {tokens} calibration tokens for inputs up to 128 wide "
                                                        "(mlp.down_proj)")
-        assert ("singular" in notes[0]) == (tokens < 128) and "give at least 256 (--n-samples x --seq-len)" in notes[0]
+        assert ("singular" in notes[0]) == (tokens < 128) and "give at least 256 (--n-samples x --seq-len;" in notes[0]

@@ -64,6 +64,6 @@ class LordConfig:
 
 register(LordConfig, transform="hfcompress.methods.lord:lord", check="hfcompress.methods.lord:lord_check",
          paper="https://arxiv.org/abs/2309.14021", needs_calibration=lambda config: config.mode == "activation",
-         supports=("causal-lm", "encoder"), changes="lowrank",
+         supports=("causal-lm", "encoder"), changes="lowrank", hessian=lambda config: config.mode == "activation",
          summary="LoRD: replace Linear layers by two thin ones (truncated SVD, optionally of the output on "
                  "calibration data).")
