@@ -53,12 +53,13 @@ def file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def measurement_key(weights: str, windows: Any, settings: dict[str, Any]) -> str:
-    """Key of one measurement: weights digest, the windows' token ids, the settings, machine and version."""
+    """Key of one measurement: weights digest, the windows' token ids (or the evaluation pairs' processor outputs),
+    the settings, machine and version."""
     from . import __version__
 
     digest = hashlib.sha256(weights.encode())
-    if windows is not None:
-        digest.update(windows.cpu().numpy().tobytes())
+    for tensor in (windows.values() if isinstance(windows, dict) else [] if windows is None else [windows]):
+        digest.update(tensor.cpu().numpy().tobytes())   # token windows, or a dual encoder's pairs
     machine = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
                "version": __version__}
     digest.update(json.dumps({**settings, **machine}, sort_keys=True, default=str).encode())

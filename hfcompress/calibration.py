@@ -174,9 +174,14 @@ def load_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int, 
     return CalibrationData(ids, info)
 
 
+def holds_text_only(source: str) -> bool:
+    """Whether `source` can give text only (`builtin`, a .txt or .jsonl file): no image-caption pairs."""
+    return source == BUILTIN or (os.path.isfile(os.path.expanduser(source)) and source.endswith((".txt", ".jsonl")))
+
+
 def check_image_text_source(source: str) -> None:
-    """Refuse a source that can give text only (`builtin`, a .txt or .jsonl file) for an image-text model."""
-    if source == BUILTIN or (os.path.isfile(os.path.expanduser(source)) and source.endswith((".txt", ".jsonl"))):
+    """Refuse a source that can give text only for an image-text model."""
+    if holds_text_only(source):
         raise CalibrationError(f"calibration source {source!r} holds text only; an image-text model calibrates on "
                                "image-caption pairs: give --calib a local image folder with a metadata.jsonl "
                                "(`file_name` and a caption field) or a `datasets` id with image and text columns "
@@ -186,26 +191,24 @@ def check_image_text_source(source: str) -> None:
 SHUFFLE_ROWS = 4  # an image-text draw shuffles a buffer of this many rows per requested pair (streamed)
 
 
-def load_image_text_calibration(processor: Any, source: str, n_samples: int, seq_len: int, seed: int,
-                                text_field: str = "text", image_field: str = "image", split: str = "train",
-                                subset: str | None = None) -> CalibrationData:
-    """`n_samples` (image, caption) pairs of `source`, drawn with `seed` from a streamed shuffle, run through the
-    model's `processor`. A processor with an `image_token` (LLaVA-style models: the image's features replace those
-    tokens) gets the prompt "<image>\ncaption"; a dual-encoder's (CLIP) gets the caption alone, cut to `seq_len`
-    tokens."""
-    if processor is None or not hasattr(processor, "image_processor"):
-        raise CalibrationError("this model's repo has no image processor (preprocessor_config.json), so its images "
-                               "cannot be prepared; copy the processor files of the model it came from into it")
-    check_image_text_source(source)
-    first, dataset = _dataset_rows(source, split, subset, "calibration")
+def shuffled_pairs(source: str, n_samples: int, seed: int, text_field: str, image_field: str, split: str,
+                   subset: str | None, purpose: str = "calibration") -> Any:
+    """The (image, caption) rows of `source` as the streamed shuffle that draws `n_samples` pairs with `seed` sees
+    them (a buffer of SHUFFLE_ROWS rows per pair): calibration takes the first `n_samples`, and a dual encoder's
+    evaluation the rows after them, which calibration never reads."""
+    first, dataset = _dataset_rows(source, split, subset, purpose)
     _check_columns(source, first, image_field, text_field)
     if not hasattr(first[image_field], "convert"):
         raise CalibrationError(f"column {image_field!r} of {source!r} holds {type(first[image_field]).__name__}, "
                                "not images; name the image column with image_field")
-    rows = list(dataset.shuffle(seed=seed, buffer_size=SHUFFLE_ROWS * n_samples).take(n_samples))
-    if len(rows) < n_samples:
-        raise CalibrationError(f"calibration source {source!r} has {len(rows)} image-caption pairs but "
-                               f"{n_samples} were requested; lower --n-samples, or give more pairs")
+    return dataset.shuffle(seed=seed, buffer_size=SHUFFLE_ROWS * n_samples)
+
+
+def encode_pairs(processor: Any, rows: list[dict], seq_len: int, text_field: str,
+                 image_field: str) -> dict[str, torch.Tensor]:
+    """(image, caption) rows through the model's processor: `input_ids`, `attention_mask`, `pixel_values`, ... A
+    processor with an `image_token` (LLaVA-style models: the image's features replace those tokens) gets the prompt
+    "<image>\ncaption"; a dual-encoder's (CLIP) gets the caption alone, cut to `seq_len` tokens."""
     image_token = getattr(processor, "image_token", None)
     captions = [str(row[text_field] or "") for row in rows]
     prompts = [f"{image_token}\n{caption}" for caption in captions] if image_token else captions
@@ -213,8 +216,29 @@ def load_image_text_calibration(processor: Any, source: str, n_samples: int, seq
     cut = {"truncation": not image_token, "max_length": None if image_token else seq_len}
     encoded = dict(processor(text=prompts, images=[row[image_field].convert("RGB") for row in rows],
                              padding=True, return_tensors="pt", **cut))
+    encoded.setdefault("attention_mask", torch.ones_like(encoded["input_ids"]))
+    return encoded
+
+
+def check_processor(processor: Any) -> None:
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise CalibrationError("this model's repo has no image processor (preprocessor_config.json), so its images "
+                               "cannot be prepared; copy the processor files of the model it came from into it")
+
+
+def load_image_text_calibration(processor: Any, source: str, n_samples: int, seq_len: int, seed: int,
+                                text_field: str = "text", image_field: str = "image", split: str = "train",
+                                subset: str | None = None) -> CalibrationData:
+    """`n_samples` (image, caption) pairs of `source`, drawn with `seed` from a streamed shuffle (`shuffled_pairs`),
+    run through the model's `processor` (`encode_pairs`)."""
+    check_processor(processor)
+    check_image_text_source(source)
+    rows = list(shuffled_pairs(source, n_samples, seed, text_field, image_field, split, subset).take(n_samples))
+    if len(rows) < n_samples:
+        raise CalibrationError(f"calibration source {source!r} has {len(rows)} image-caption pairs but "
+                               f"{n_samples} were requested; lower --n-samples, or give more pairs")
+    encoded = encode_pairs(processor, rows, seq_len, text_field, image_field)
     input_ids = encoded.pop("input_ids")
-    encoded.setdefault("attention_mask", torch.ones_like(input_ids))
     info = {"source": source, "n_samples": n_samples, "image_text_pairs": n_samples, "seed": seed,
             "text_field": text_field, "image_field": image_field, "tokens": int(encoded["attention_mask"].sum())}
     if subset:

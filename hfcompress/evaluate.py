@@ -130,13 +130,15 @@ def size_metrics(size_bytes: int, parameters: int) -> dict[str, Any]:
 
 
 def quality_metric(family: str, architectures: list[str]) -> str | None:
-    """What the evaluation windows measure: `perplexity` for causal LMs and for image-text models that generate text
-    (LLaVA-style; on the text alone, no image), `embedding_cosine` for text encoders, None for the others (CLIP,
-    vision models: size and sparsity only)."""
+    """What the evaluation data measures: `perplexity` for causal LMs and for image-text models that generate text
+    (LLaVA-style; on the text alone, no image), `embedding_cosine` for text encoders (on text windows) and for
+    image-text dual encoders (CLIP; on image-caption pairs), None for vision models (size and sparsity only)."""
     if family == "encoder":
         return "embedding_cosine"
-    generates = family == "vision-language" and any(a.endswith("ForConditionalGeneration") for a in architectures)
-    return "perplexity" if family == "causal-lm" or generates else None
+    if family == "vision-language":
+        generates = any(a.endswith("ForConditionalGeneration") for a in architectures)
+        return "perplexity" if generates else "embedding_cosine"
+    return "perplexity" if family == "causal-lm" else None
 
 
 @torch.no_grad()
@@ -166,12 +168,41 @@ def window_embeddings(model: nn.Module, windows: torch.Tensor, device: torch.dev
                       for window in tqdm(windows.split(1), desc=desc, leave=False)])
 
 
-def encoder_embeddings(model: nn.Module, device: torch.device, windows: torch.Tensor,
-                       compute_dtype: torch.dtype | None = None, desc: str = "before") -> torch.Tensor:
-    """`window_embeddings` with the model on `device`, computing in `compute_dtype`: before compression, the
-    reference that `measure(reference=...)` compares the compressed model's to."""
+@torch.no_grad()
+def pair_embeddings(model: nn.Module, pairs: dict[str, torch.Tensor], device: torch.device,
+                    desc: str = "embeddings", batch_size: int = 8) -> torch.Tensor:
+    """A dual encoder's (CLIP) image and caption embeddings of processor outputs for n image-caption pairs:
+    (2, n, dim) fp32 on the CPU, images first."""
+    count, parts = len(pairs["input_ids"]), []
+    for start in tqdm(range(0, count, batch_size), desc=desc, leave=False):
+        batch = {name: value[start:start + batch_size].to(device) for name, value in pairs.items()}
+        out = model(**batch)
+        parts.append(torch.stack([out.image_embeds.float(), out.text_embeds.float()]).cpu())
+    return torch.cat(parts, dim=1)
+
+
+def reference_embeddings(model: nn.Module, device: torch.device, data: torch.Tensor | dict[str, torch.Tensor],
+                         compute_dtype: torch.dtype | None = None, desc: str = "before") -> torch.Tensor:
+    """What `embedding_similarity` compares, with the model on `device` computing in `compute_dtype`: an encoder's
+    `window_embeddings` of text windows (n, hidden), or a dual encoder's `pair_embeddings` of image-caption pairs
+    (2, n, dim). Taken before compression, it is the reference that `measure(reference=...)` compares with."""
     with on_device(model, device), computing_in(model, compute_dtype):
-        return window_embeddings(model, windows, device, desc=f"embeddings {desc}".strip())
+        if isinstance(data, dict):
+            return pair_embeddings(model, data, device, desc=f"embeddings {desc}".strip())
+        return window_embeddings(model, data, device, desc=f"embeddings {desc}".strip())
+
+
+def embedding_similarity(embeddings: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """The mean cosine similarity of each embedding to the reference's (the same shape: (n, hidden) or (2, n, dim));
+    for image-caption pairs (2, n, dim) also the image-to-caption top-1: the share of images whose own caption is
+    the closest of the n captions."""
+    metrics = {"embedding_cosine": round(nn.functional.cosine_similarity(embeddings, reference, dim=-1).mean().item(),
+                                         6)}
+    if embeddings.dim() == 3:
+        images, captions = nn.functional.normalize(embeddings, dim=-1).unbind(0)           # (n, dim) each
+        closest = (images @ captions.t()).argmax(dim=1)                                     # (n,)
+        metrics["image_caption_top1"] = round((closest == torch.arange(len(closest))).float().mean().item(), 6)
+    return metrics
 
 
 def _synchronize(device: torch.device) -> None:
@@ -282,7 +313,8 @@ def greedy_samples(model: nn.Module, tokenizer: Any, device: torch.device,
     return samples
 
 
-def measure(model: nn.Module, family: str, device: torch.device, windows: torch.Tensor | None, *,
+def measure(model: nn.Module, family: str, device: torch.device,
+            windows: torch.Tensor | dict[str, torch.Tensor] | None, *,
             structure: Structure | None = None, sparsity: bool = False, quantized: bool = False, speed: bool = True,
             desc: str = "", storage_dtype: torch.dtype | None = None, tokenizer: Any = None,
             compute_dtype: torch.dtype | None = None, reference: torch.Tensor | None = None) -> dict[str, Any]:
@@ -291,9 +323,9 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
     bits of the block Linear weights when `quantized` (only where something is quantized), perplexity
     and tokens/s of the model in memory (which equals the model as it loads: the tests check it), computed in
     `compute_dtype` when given (on cast copies of the weights, which are left as they were), and the greedy answers
-    to fixed prompts of a causal LM when given its `tokenizer`. For a text encoder
-    given the `encoder_embeddings` of its uncompressed self: the mean cosine similarity of the window embeddings to
-    the reference's."""
+    to fixed prompts of a causal LM when given its `tokenizer`. Given the `reference_embeddings` of its uncompressed
+    self (a text encoder's of text windows, a dual encoder's of image-caption pairs, `windows` then the processor's
+    outputs): `embedding_similarity` to them."""
     parameters = parameter_count(model)
     metrics: dict[str, Any] = {"parameters": parameters,
                                **size_metrics(stored_bytes(model, structure, storage_dtype), parameters)}
@@ -301,23 +333,23 @@ def measure(model: nn.Module, family: str, device: torch.device, windows: torch.
         metrics["sparsity"] = round(block_linear_sparsity(model), 6)
     if quantized:
         metrics["nominal_bits"] = round(nominal_bits(model, structure, storage_dtype), 4)
-    if family != "encoder" and windows is not None:  # windows are cut only for what measures perplexity
+    if family != "encoder" and isinstance(windows, torch.Tensor):  # cut only for what measures perplexity
         with on_device(model, device) as streamed, computing_in(model, compute_dtype):
             metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())
             if speed and not streamed and family == "causal-lm":  # streaming every weight per decoded token
                 metrics.update(tokens_per_second(model, windows[:1, :256], device))  # would time the PCIe bus
             if tokenizer is not None and family == "causal-lm":
                 metrics["samples"] = greedy_samples(model, tokenizer, device)
-    if family == "encoder" and windows is not None and reference is not None:
-        embeddings = encoder_embeddings(model, device, windows, compute_dtype, desc)
-        cosine = nn.functional.cosine_similarity(embeddings, reference, dim=1)       # (n_windows,)
-        metrics["embedding_cosine"] = round(cosine.mean().item(), 6)
+    if windows is not None and reference is not None:
+        metrics.update(embedding_similarity(reference_embeddings(model, device, windows, compute_dtype, desc),
+                                            reference))
     return metrics
 
 
 TABLE_ROWS = [
     ("perplexity", "perplexity", "{:.2f}"),
     ("embedding_cosine", "embedding cosine to the original", "{:.4f}"),
+    ("image_caption_top1", "image-to-caption top-1", "{:.1%}"),
     ("size_bytes", "size (MB)", lambda v: f"{v / 1e6:.1f}"),
     ("parameters", "parameters (M)", lambda v: f"{v / 1e6:.2f}"),
     ("sparsity", "sparsity (block Linear weights)", "{:.1%}"),

@@ -20,16 +20,29 @@ from transformers import ProcessorMixin
 
 from .cache import cached_measurement, measurement_key, weights_digest
 from .calibration import (
+    BUILTIN,
     CalibrationData,
+    check_processor,
     cut_windows,
+    encode_pairs,
+    holds_text_only,
     load_calibration,
     load_image_text_calibration,
     read_text,
+    shuffled_pairs,
     token_stream,
 )
 from .card import render_card
 from .context import Context, Progress
-from .evaluate import encoder_embeddings, folder_weights_bytes, format_table, measure, quality_metric, size_metrics
+from .evaluate import (
+    embedding_similarity,
+    folder_weights_bytes,
+    format_table,
+    measure,
+    quality_metric,
+    reference_embeddings,
+    size_metrics,
+)
 from .formats import save_model, staged_folder, write_metadata
 from .hub import push
 from .loading import (
@@ -119,6 +132,37 @@ def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, metric: str | None) -
                        options="--eval-windows or --eval-seq-len")
 
 
+def evaluation_pairs(processor: Any, recipe: Recipe,
+                     log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """A dual encoder's (CLIP) evaluation data and where it comes from: the processor's outputs for up to
+    --eval-windows image-caption pairs of --eval-source, or by default the pairs of the --calib source that follow
+    the calibration draw in its shuffle (never calibrated on). None, said in the log, where the source holds text
+    only or no pair is left."""
+    c, ev = recipe.calibration, recipe.evaluation
+    own = ev.source != BUILTIN
+    source = ev.source if own else c.source
+    # the calibration source is shuffled exactly as its calibration draw is, then read past that draw
+    draw, seed, skip = (ev.n_windows or c.n_samples, 0, 0) if own else (c.n_samples, c.seed, c.n_samples)
+    origin = {"source": source, "after_calibration_pairs": skip}
+    if not ev.enabled:
+        return None, origin
+    if holds_text_only(source):
+        log(f"note: no quality number: a dual encoder is measured on image-caption pairs and {source!r} holds text "
+            "only; give --calib (or --eval-source) an image folder or a dataset with images")
+        return None, origin
+    check_processor(processor)
+    split, subset, text_field = (ev.split, ev.subset, ev.text_field) if own else (c.split, c.subset, c.text_field)
+    stream = shuffled_pairs(source, draw, seed, text_field, c.image_field, split, subset, "evaluation").skip(skip)
+    rows = list(stream.take(ev.n_windows) if ev.n_windows else stream)
+    if not rows:
+        log(f"note: no quality number: {source!r} has no image-caption pairs beyond the {skip} calibrated on")
+        return None, origin
+    if ev.n_windows and len(rows) < ev.n_windows:
+        log(f"note: evaluating on the {len(rows)} image-caption pairs of {source!r} "
+            f"{'after the calibration draw' if skip else 'there are'} (--eval-windows {ev.n_windows})")
+    return encode_pairs(processor, rows, c.seq_len, text_field, c.image_field), origin
+
+
 def before_key(resolved: ResolvedModel, windows: torch.Tensor | None, settings: dict[str, Any]) -> str | None:
     """The cache key of the "before" numbers, or None when the weights cannot be read locally to name them."""
     location = resolved.location
@@ -194,7 +238,9 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     if ev.enabled and calibration and evaluates_on_calibration_text(recipe):
         log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
     metric = quality_metric(resolved.family, base_architectures(resolved.config))
-    windows = evaluation_windows(tokenizer, ev, metric)
+    pairs = metric == "embedding_cosine" and resolved.family == "vision-language"
+    windows, pairs_origin = evaluation_pairs(tokenizer, recipe, log) if pairs else (
+        evaluation_windows(tokenizer, ev, metric), None)
 
     passes_note = f", calibration passes in {str(run.compute_dtype).removeprefix('torch.')}" if calibration else ""
     log(f"loading {recipe.model.id} on cpu (compute device: {device}{passes_note})")
@@ -225,11 +271,11 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
         if before_cached:
             log("before: the numbers an earlier run measured on the same weights, windows and settings "
                 "(--remeasure to measure again)")
-    # a text encoder is measured by how close its embeddings stay to the uncompressed model's: these (not cached)
-    reference = (encoder_embeddings(model, device, windows, eval_dtype)
+    # an encoder is measured by how close its embeddings stay to the uncompressed model's: these (not cached)
+    reference = (reference_embeddings(model, device, windows, eval_dtype)
                  if metric == "embedding_cosine" and windows is not None else None)
     if reference is not None:
-        before["embedding_cosine"] = 1.0
+        before.update(embedding_similarity(reference, reference))
 
     reports, steps_meta, structure = [], [], source
     for index, step in enumerate(recipe.steps):
@@ -257,11 +303,14 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     dtypes = {"compute": str(model.dtype).removeprefix("torch."), "saved": str(storage_dtype).removeprefix("torch."),
               "passes": str(passes).removeprefix("torch.")}
     metadata = build_metadata(recipe, resolved, calibration=calibration, device=device, steps=steps_meta,
-                              n_windows=None if windows is None else len(windows), structure=structure,
+                              n_windows=None if windows is None else len(windows["input_ids"] if pairs else windows),
+                              structure=structure,
                               before=before, after=after, dtypes=dtypes)
     metadata["architectures"] = metadata["architectures"] or [type(model).__name__]  # a GGUF config names none
     if metadata.get("evaluation"):
         metadata["evaluation"]["before_cached"] = before_cached
+        if pairs_origin and windows is not None:  # a dual encoder's image-caption pairs, for the card
+            metadata["evaluation"]["pairs"] = pairs_origin
     result = Result(model, tokenizer, reports, structure, before, after, metadata)
     if recipe.output.dir:
         run.check_cancelled()

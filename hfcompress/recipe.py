@@ -68,11 +68,12 @@ class CalibrationSpec:
 @dataclass
 class EvaluationSpec:
     enabled: bool = option(True, "measure before/after: perplexity (text encoders: embedding cosine to the "
-                                 "original), size, parameters, sparsity, bits, tokens/s")
+                                 "original; CLIP: that and image-to-caption top-1 on image-caption pairs), size, "
+                                 "parameters, sparsity, bits, tokens/s")
     source: str = option("builtin", "evaluation text (`builtin` uses a book kept apart from calibration text)")
     seq_len: int | None = option(None, "tokens per evaluation window, non-overlapping (default: 512, capped at the "
                                        "model's context)")
-    n_windows: int | None = option(32, "number of windows (None: the whole text)")
+    n_windows: int | None = option(32, "number of windows (None: the whole text); for CLIP, of image-caption pairs")
     speed: bool = option(True, "measure prefill and decode tokens/s")
     samples: bool = option(True, "greedy answers of the model before and after to three fixed prompts, side by side "
                                  "in the card (causal LMs; a few seconds on a CPU)")

@@ -1,6 +1,7 @@
 """Image-text models (CLIP, LLaVA) calibrated on image-caption pairs: pruned end to end with ecoflap, wanda,
 sparsegpt and dsnot, reloaded in a fresh process with the same outputs, LLaVA measured by the perplexity of text;
-refused before loading without image data."""
+refused before loading without image data; CLIP measured by its embeddings' cosine to the original and its
+image-to-caption top-1 on pairs held out from calibration."""
 
 import json
 
@@ -48,10 +49,15 @@ def test_image_text_models_are_pruned_on_image_caption_pairs_and_reload(tiny, tm
     assert (tmp_path / "out" / "processor_config.json").exists()     # the processor travels with the model
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Calibration: 4 image-caption pairs from" in card
-    if model_name == "llava":  # it generates text: perplexity of the text alone; CLIP has no quality number yet
+    if model_name == "llava":  # it generates text: perplexity of the text alone
         assert result.after["perplexity"] != result.before["perplexity"] and "the text alone (no\nimage)" in card
-    else:
+    else:  # a dual encoder: its embeddings against the original's on the 2 pairs calibration did not draw
         assert "perplexity" not in result.after and "erplexity" not in card
+        assert result.before["embedding_cosine"] == 1.0 and 0 < result.after["embedding_cosine"] < 1
+        assert 0 <= result.after["image_caption_top1"] <= 1 and "image_caption_top1" in result.before
+        assert metadata["evaluation"]["n_windows_used"] == 2 and "over 2 image-caption pairs of" in card
+        assert "follow the 4 drawn for calibration (never calibrated on)" in card
+        assert f"| image-to-caption top-1 | {result.before['image_caption_top1']:.1%} |" in card
     _reloads_the_same(result, tmp_path / "out", tmp_path)
 
 
@@ -89,3 +95,31 @@ def test_the_cli_takes_an_image_folder_and_says_what_it_calibrates_on(tiny, tmp_
     code = main(["compress", tiny("llava"), "--method", "ecoflap", "--sparsity", "0.5", "--calib", images,
                  "--image-field", "image", "--n-samples", "4", "--dry-run"])
     assert code == 0 and "calibration: 4 image-caption pairs from " + images in capsys.readouterr().out
+
+
+def test_clip_is_evaluated_on_the_pairs_after_the_calibration_draw_or_says_why_not(tiny, tmp_path):
+    from hfcompress.calibration import encode_pairs, load_image_text_calibration, shuffled_pairs
+    from hfcompress.loading import load_tokenizer, resolve
+    from hfcompress.pipeline import evaluation_pairs
+    from hfcompress.recipe import Recipe
+
+    images = image_folder(tmp_path / "images", 9)
+    processor = load_tokenizer(resolve(tiny("clip")))
+    recipe = Recipe.from_dict({**_image_text_recipe(tiny("clip"), images, tmp_path / "o", "wanda"),
+                               "evaluation": {"n_windows": 3}})
+    every = list(shuffled_pairs(images, 4, 0, "text", "image", "train", None))        # the draw's order, all 9
+    calibration = load_image_text_calibration(processor, images, 4, 16, 0)
+    assert calibration.input_ids.equal(encode_pairs(processor, every[:4], 16, "text", "image")["input_ids"])
+    pairs, origin = evaluation_pairs(processor, recipe, log=print)
+    expected = encode_pairs(processor, every[4:7], 16, "text", "image")
+    assert origin == {"source": images, "after_calibration_pairs": 4}
+    assert pairs["input_ids"].equal(expected["input_ids"]) and pairs["pixel_values"].equal(expected["pixel_values"])
+    assert not {r["text"] for r in every[:4]} & {r["text"] for r in every[4:7]}     # captions differ: disjoint pairs
+
+    lines = []
+    text_only = Recipe.from_dict({"model": tiny("clip"), "steps": [{"method": "rtn", "bits": 4}]})
+    assert evaluation_pairs(processor, text_only, log=lines.append)[0] is None
+    assert "no quality number" in lines[-1] and "'builtin' holds text only" in lines[-1]
+    few = Recipe.from_dict({**_image_text_recipe(tiny("clip"), images, tmp_path / "o", "wanda"),
+                            "calibration": {"source": images, "n_samples": 9}})
+    assert evaluation_pairs(processor, few, log=lines.append)[0] is None and "beyond the 9" in lines[-1]
