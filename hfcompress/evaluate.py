@@ -141,6 +141,11 @@ def quality_metric(family: str, architectures: list[str]) -> str | None:
     return "perplexity" if family == "causal-lm" else None
 
 
+def measures_pairs(family: str, architectures: list[str]) -> bool:
+    """Whether the quality data is image-caption pairs (a dual encoder: CLIP) rather than text windows."""
+    return family == "vision-language" and quality_metric(family, architectures) == "embedding_cosine"
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "perplexity") -> float:
     """exp(mean next-token NLL) over non-overlapping windows (n, seq_len); NLL summed in fp32."""

@@ -39,6 +39,7 @@ from .evaluate import (
     folder_weights_bytes,
     format_table,
     measure,
+    measures_pairs,
     quality_metric,
     reference_embeddings,
     size_metrics,
@@ -238,7 +239,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     if ev.enabled and calibration and evaluates_on_calibration_text(recipe):
         log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
     metric = quality_metric(resolved.family, base_architectures(resolved.config))
-    pairs = metric == "embedding_cosine" and resolved.family == "vision-language"
+    pairs = measures_pairs(resolved.family, base_architectures(resolved.config))
     windows, pairs_origin = evaluation_pairs(tokenizer, recipe, log) if pairs else (
         evaluation_windows(tokenizer, ev, metric), None)
 

@@ -10,12 +10,13 @@ from typing import Callable
 
 import torch
 
-from .calibration import check_image_text_source
+from .calibration import BUILTIN, check_image_text_source
 from .errors import InvalidOptionError, UnsupportedModelError, choices
+from .evaluate import measures_pairs
 from .formats import read_metadata, structure_of, writer_name
 from .formats.compressed_tensors import kernel_warning
 from .hub import check_push_target, check_token
-from .loading import ResolvedModel, model_skeleton, pick_device, resolve, torch_dtype
+from .loading import ResolvedModel, base_architectures, model_skeleton, pick_device, resolve, torch_dtype
 from .options import options_text
 from .recipe import CalibrationSpec, Recipe
 from .registry import Report, calibrating_steps, get_method
@@ -206,8 +207,7 @@ def describe(checked: Preflight) -> str:
              "changes: " + (", ".join(f"{len(checked.planned.of_kind(kind))} modules {kind}"
                                       for kind in sorted(checked.planned.kinds)) or "none"),
              calibration_line(c, resolved.family) if calibrates else "calibration: none needed",
-             f"evaluation: {ev.n_windows} x {ev.seq_len} tokens of {ev.source}, before and after" if ev.enabled else
-             "evaluation: off",
+             evaluation_line(recipe, resolved),
              f"output: {recipe.output.dir or '(not saved)'}" + (f", pushed to {recipe.output.push_to}"
                                                               if recipe.output.push_to else "")
              + (f", exported to ONNX in {recipe.export.onnx}" if recipe.export.onnx else ""),
@@ -221,6 +221,17 @@ def describe(checked: Preflight) -> str:
     lines.append(f"time: at least {2 * parameters * tokens / flops / 60:.1f} min of forward passes at "
                  f"{flops / 1e9:.0f} GFLOP/s measured here (methods add their own work; loading and saving too)")
     return "\n".join(lines)
+
+
+def evaluation_line(recipe: Recipe, resolved: ResolvedModel) -> str:
+    """What the run measures the model on, as `--dry-run` says it."""
+    c, ev = recipe.calibration, recipe.evaluation
+    if not ev.enabled:
+        return "evaluation: off"
+    if measures_pairs(resolved.family, base_architectures(resolved.config)):  # see pipeline.evaluation_pairs
+        source = ev.source if ev.source != BUILTIN else f"{c.source} after the {c.n_samples} drawn for calibration"
+        return f"evaluation: {ev.n_windows or 'all'} image-caption pairs of {source}, before and after"
+    return f"evaluation: {ev.n_windows} x {ev.seq_len} tokens of {ev.source}, before and after"
 
 
 def matmul_speed(device: torch.device, size: int = 1024) -> float:

@@ -95,6 +95,10 @@ def test_the_cli_takes_an_image_folder_and_says_what_it_calibrates_on(tiny, tmp_
     code = main(["compress", tiny("llava"), "--method", "ecoflap", "--sparsity", "0.5", "--calib", images,
                  "--image-field", "image", "--n-samples", "4", "--dry-run"])
     assert code == 0 and "calibration: 4 image-caption pairs from " + images in capsys.readouterr().out
+    code = main(["compress", tiny("clip"), "--method", "wanda", "--calib", images, "--n-samples", "3",
+                 "--eval-windows", "8", "--dry-run"])  # a dual encoder is measured on the pairs after those
+    assert code == 0 and f"evaluation: 8 image-caption pairs of {images} after the 3 drawn for calibration, before" \
+        in capsys.readouterr().out
 
 
 def test_clip_is_evaluated_on_the_pairs_after_the_calibration_draw_or_says_why_not(tiny, tmp_path):
