@@ -221,6 +221,7 @@ def encode_pairs(processor: Any, rows: list[dict], seq_len: int, text_field: str
 
 
 def check_processor(processor: Any) -> None:
+    """Refuse a model whose repo has no image processor: its images could not be prepared."""
     if processor is None or not hasattr(processor, "image_processor"):
         raise CalibrationError("this model's repo has no image processor (preprocessor_config.json), so its images "
                                "cannot be prepared; copy the processor files of the model it came from into it")
