@@ -59,7 +59,7 @@ from .loading import (
 from .metadata import build_metadata, evaluates_on_calibration_text
 from .options import config_to_dict, options_text
 from .plots import block_bars, have_matplotlib, kept_rank_shares, layer_map, module_scores, sparsity_map
-from .preflight import calibration_line, preflight, resolve_defaults, source_structure
+from .preflight import calibration_line, pairs_origin, preflight, resolve_defaults, source_structure
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .registry import Report, calibrating_steps, get_method
 from .resources import match_threads
@@ -137,14 +137,13 @@ def evaluation_pairs(processor: Any, recipe: Recipe,
                      log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """A dual encoder's (CLIP) evaluation data and where it comes from: the processor's outputs for up to
     --eval-windows image-caption pairs of --eval-source, or by default the pairs of the --calib source that follow
-    the calibration draw in its shuffle (never calibrated on). None, said in the log, where the source holds text
-    only or no pair is left."""
+    the calibration draw in its shuffle (never calibrated on; `preflight.pairs_origin`). None, said in the log,
+    where the source holds text only or no pair is left."""
     c, ev = recipe.calibration, recipe.evaluation
-    own = ev.source != BUILTIN
-    source = ev.source if own else c.source
-    # the calibration source is shuffled exactly as its calibration draw is, then read past that draw
-    draw, seed, skip = (ev.n_windows or c.n_samples, 0, 0) if own else (c.n_samples, c.seed, c.n_samples)
-    origin = {"source": source, "after_calibration_pairs": skip}
+    origin = pairs_origin(recipe)
+    source, skip, own = origin["source"], origin["after_calibration_pairs"], ev.source != BUILTIN
+    # past a calibration draw: the calibration source shuffled exactly as that draw shuffles it (buffer and seed)
+    draw, seed = (c.n_samples, c.seed) if skip else (ev.n_windows or c.n_samples, 0 if own else c.seed)
     if not ev.enabled:
         return None, origin
     if holds_text_only(source):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -223,14 +223,25 @@ def describe(checked: Preflight) -> str:
     return "\n".join(lines)
 
 
+def pairs_origin(recipe: Recipe) -> dict[str, Any]:
+    """Where a dual encoder's evaluation pairs come from: --eval-source when it is not `builtin`, else the --calib
+    source, past the pairs that calibration draws from it when the run calibrates (`after_calibration_pairs`)."""
+    c, ev = recipe.calibration, recipe.evaluation
+    if ev.source != BUILTIN:
+        return {"source": ev.source, "after_calibration_pairs": 0}
+    return {"source": c.source, "after_calibration_pairs": c.n_samples if calibrating_steps(recipe.steps) else 0}
+
+
 def evaluation_line(recipe: Recipe, resolved: ResolvedModel) -> str:
     """What the run measures the model on, as `--dry-run` says it."""
     c, ev = recipe.calibration, recipe.evaluation
     if not ev.enabled:
         return "evaluation: off"
-    if measures_pairs(resolved.family, base_architectures(resolved.config)):  # see pipeline.evaluation_pairs
-        source = ev.source if ev.source != BUILTIN else f"{c.source} after the {c.n_samples} drawn for calibration"
-        return f"evaluation: {ev.n_windows or 'all'} image-caption pairs of {source}, before and after"
+    if measures_pairs(resolved.family, base_architectures(resolved.config)):
+        origin = pairs_origin(recipe)
+        after = f" after the {c.n_samples} drawn for calibration" if origin["after_calibration_pairs"] else ""
+        pairs = f"{ev.n_windows or 'all'} image-caption pairs"
+        return f"evaluation: {pairs} of {origin['source']}{after}, before and after"
     return f"evaluation: {ev.n_windows} x {ev.seq_len} tokens of {ev.source}, before and after"
 
 

@@ -120,6 +120,12 @@ def test_clip_is_evaluated_on_the_pairs_after_the_calibration_draw_or_says_why_n
     assert pairs["input_ids"].equal(expected["input_ids"]) and pairs["pixel_values"].equal(expected["pixel_values"])
     assert not {r["text"] for r in every[:4]} & {r["text"] for r in every[4:7]}     # captions differ: disjoint pairs
 
+    uncalibrated = Recipe.from_dict({**recipe.to_dict(), "steps": [{"method": "rtn", "bits": 4}]})
+    pairs, origin = evaluation_pairs(processor, uncalibrated, log=print)  # nothing drawn: the shuffle's first 3
+    assert origin["after_calibration_pairs"] == 0 and pairs["input_ids"].equal(
+        encode_pairs(processor, list(shuffled_pairs(images, 3, 0, "text", "image", "train", None).take(3)), 16,
+                     "text", "image")["input_ids"])
+
     lines = []
     text_only = Recipe.from_dict({"model": tiny("clip"), "steps": [{"method": "rtn", "bits": 4}]})
     assert evaluation_pairs(processor, text_only, log=lines.append)[0] is None
