@@ -133,34 +133,33 @@ def evaluation_windows(tokenizer: Any, ev: EvaluationSpec, metric: str | None) -
                        options="--eval-windows or --eval-seq-len")
 
 
-def evaluation_pairs(processor: Any, recipe: Recipe,
-                     log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """A dual encoder's (CLIP) evaluation data and where it comes from: the processor's outputs for up to
-    --eval-windows image-caption pairs of --eval-source, or by default the pairs of the --calib source that follow
-    the calibration draw in its shuffle (never calibrated on; `preflight.pairs_origin`). None, said in the log,
-    where the source holds text only or no pair is left."""
+def evaluation_pairs(processor: Any, recipe: Recipe, log: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
+    """A dual encoder's (CLIP) evaluation data: the processor's outputs for up to --eval-windows image-caption pairs
+    of --eval-source, or by default the pairs of the --calib source that follow the calibration draw in its shuffle
+    (never calibrated on; `preflight.pairs_origin`). None, said in the log, where the source holds text only or no
+    pair is left."""
     c, ev = recipe.calibration, recipe.evaluation
     origin = pairs_origin(recipe)
     source, skip, own = origin["source"], origin["after_calibration_pairs"], ev.source != BUILTIN
     # past a calibration draw: the calibration source shuffled exactly as that draw shuffles it (buffer and seed)
     draw, seed = (c.n_samples, c.seed) if skip else (ev.n_windows or c.n_samples, 0 if own else c.seed)
     if not ev.enabled:
-        return None, origin
+        return None
     if holds_text_only(source):
         log(f"note: no quality number: a dual encoder is measured on image-caption pairs and {source!r} holds text "
             "only; give --calib (or --eval-source) an image folder or a dataset with images")
-        return None, origin
+        return None
     check_processor(processor)
     split, subset, text_field = (ev.split, ev.subset, ev.text_field) if own else (c.split, c.subset, c.text_field)
     stream = shuffled_pairs(source, draw, seed, text_field, c.image_field, split, subset, "evaluation").skip(skip)
     rows = list(stream.take(ev.n_windows) if ev.n_windows else stream)
     if not rows:
         log(f"note: no quality number: {source!r} has no image-caption pairs beyond the {skip} calibrated on")
-        return None, origin
+        return None
     if ev.n_windows and len(rows) < ev.n_windows:
         log(f"note: evaluating on the {len(rows)} image-caption pairs of {source!r} "
             f"{'after the calibration draw' if skip else 'there are'} (--eval-windows {ev.n_windows})")
-    return encode_pairs(processor, rows, c.seq_len, text_field, c.image_field), origin
+    return encode_pairs(processor, rows, c.seq_len, text_field, c.image_field)
 
 
 def before_key(resolved: ResolvedModel, windows: torch.Tensor | None, settings: dict[str, Any]) -> str | None:
@@ -239,8 +238,7 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
         log(f"warning: evaluating on the calibration text {ev.source!r}; perplexity will look optimistic")
     metric = quality_metric(resolved.family, base_architectures(resolved.config))
     pairs = measures_pairs(resolved.family, base_architectures(resolved.config))
-    windows, pairs_origin = evaluation_pairs(tokenizer, recipe, log) if pairs else (
-        evaluation_windows(tokenizer, ev, metric), None)
+    windows = evaluation_pairs(tokenizer, recipe, log) if pairs else evaluation_windows(tokenizer, ev, metric)
 
     passes_note = f", calibration passes in {str(run.compute_dtype).removeprefix('torch.')}" if calibration else ""
     log(f"loading {recipe.model.id} on cpu (compute device: {device}{passes_note})")
@@ -309,8 +307,8 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
     metadata["architectures"] = metadata["architectures"] or [type(model).__name__]  # a GGUF config names none
     if metadata.get("evaluation"):
         metadata["evaluation"]["before_cached"] = before_cached
-        if pairs_origin and windows is not None:  # a dual encoder's image-caption pairs, for the card
-            metadata["evaluation"]["pairs"] = pairs_origin
+        if pairs and windows is not None:  # a dual encoder's image-caption pairs, for the card
+            metadata["evaluation"]["pairs"] = pairs_origin(recipe)
     result = Result(model, tokenizer, reports, structure, before, after, metadata)
     if recipe.output.dir:
         run.check_cancelled()

@@ -234,12 +234,13 @@ def pairs_origin(recipe: Recipe) -> dict[str, Any]:
 
 def evaluation_line(recipe: Recipe, resolved: ResolvedModel) -> str:
     """What the run measures the model on, as `--dry-run` says it."""
-    c, ev = recipe.calibration, recipe.evaluation
+    ev = recipe.evaluation
     if not ev.enabled:
         return "evaluation: off"
     if measures_pairs(resolved.family, base_architectures(resolved.config)):
         origin = pairs_origin(recipe)
-        after = f" after the {c.n_samples} drawn for calibration" if origin["after_calibration_pairs"] else ""
+        drawn = origin["after_calibration_pairs"]
+        after = f" after the {drawn} drawn for calibration" if drawn else ""
         pairs = f"{ev.n_windows or 'all'} image-caption pairs"
         return f"evaluation: {pairs} of {origin['source']}{after}, before and after"
     return f"evaluation: {ev.n_windows} x {ev.seq_len} tokens of {ev.source}, before and after"

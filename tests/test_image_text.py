@@ -105,6 +105,7 @@ def test_clip_is_evaluated_on_the_pairs_after_the_calibration_draw_or_says_why_n
     from hfcompress.calibration import encode_pairs, load_image_text_calibration, shuffled_pairs
     from hfcompress.loading import load_tokenizer, resolve
     from hfcompress.pipeline import evaluation_pairs
+    from hfcompress.preflight import pairs_origin
     from hfcompress.recipe import Recipe
 
     images = image_folder(tmp_path / "images", 9)
@@ -114,22 +115,22 @@ def test_clip_is_evaluated_on_the_pairs_after_the_calibration_draw_or_says_why_n
     every = list(shuffled_pairs(images, 4, 0, "text", "image", "train", None))        # the draw's order, all 9
     calibration = load_image_text_calibration(processor, images, 4, 16, 0)
     assert calibration.input_ids.equal(encode_pairs(processor, every[:4], 16, "text", "image")["input_ids"])
-    pairs, origin = evaluation_pairs(processor, recipe, log=print)
+    pairs = evaluation_pairs(processor, recipe, log=print)
     expected = encode_pairs(processor, every[4:7], 16, "text", "image")
-    assert origin == {"source": images, "after_calibration_pairs": 4}
+    assert pairs_origin(recipe) == {"source": images, "after_calibration_pairs": 4}
     assert pairs["input_ids"].equal(expected["input_ids"]) and pairs["pixel_values"].equal(expected["pixel_values"])
     assert not {r["text"] for r in every[:4]} & {r["text"] for r in every[4:7]}     # captions differ: disjoint pairs
 
     uncalibrated = Recipe.from_dict({**recipe.to_dict(), "steps": [{"method": "rtn", "bits": 4}]})
-    pairs, origin = evaluation_pairs(processor, uncalibrated, log=print)  # nothing drawn: the shuffle's first 3
-    assert origin["after_calibration_pairs"] == 0 and pairs["input_ids"].equal(
+    pairs = evaluation_pairs(processor, uncalibrated, log=print)  # nothing drawn: the shuffle's first 3
+    assert pairs_origin(uncalibrated)["after_calibration_pairs"] == 0 and pairs["input_ids"].equal(
         encode_pairs(processor, list(shuffled_pairs(images, 3, 0, "text", "image", "train", None).take(3)), 16,
                      "text", "image")["input_ids"])
 
     lines = []
     text_only = Recipe.from_dict({"model": tiny("clip"), "steps": [{"method": "rtn", "bits": 4}]})
-    assert evaluation_pairs(processor, text_only, log=lines.append)[0] is None
+    assert evaluation_pairs(processor, text_only, log=lines.append) is None
     assert "no quality number" in lines[-1] and "'builtin' holds text only" in lines[-1]
     few = Recipe.from_dict({**_image_text_recipe(tiny("clip"), images, tmp_path / "o", "wanda"),
                             "calibration": {"source": images, "n_samples": 9}})
-    assert evaluation_pairs(processor, few, log=lines.append)[0] is None and "beyond the 9" in lines[-1]
+    assert evaluation_pairs(processor, few, log=lines.append) is None and "beyond the 9" in lines[-1]
