@@ -1,12 +1,15 @@
 """Run the DSnoT authors' released pruning function (github.com/zyxxmu/DSnoT) on a model folder; used by
 bench/dsnot_smollm2.py, which evaluates the result with the same code and windows as hfcompress's runs.
 
-    python bench/authors_dsnot.py AUTHORS_CHECKOUT MODEL_FOLDER CALIBRATION.pt SPARSITY SKIP_LAYER OUT.safetensors
+    python bench/authors_dsnot.py AUTHORS_CHECKOUT MODEL_FOLDER CALIBRATION.pt SPARSITY SKIP_LAYER OUT.safetensors \
+        [STATISTICS.pt]
 
 Their code is imported, not copied. Three things are set from outside so that it runs here: their calibration
 loader returns our windows, the device is the CPU with fp32 weights, and the decoder layers (which transformers 5
 call with rotary `position_embeddings`, something their code does not pass) compute those from the model's own
 rotary embedding when missing. Prints one JSON line: seconds, the mask agreement is computed by the caller.
+With STATISTICS.pt, also saves the input statistics each layer was pruned with ({layer name: {"mean", "variance",
+"sq_mean"}}, their own accumulations), so that bench/dsnot_same_inputs.py can run hfcompress's rule on them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from transformers.models.llama import modeling_llama
 
 
 def main() -> None:
-    checkout, folder, calibration_file, sparsity, skip_layer, out = sys.argv[1:]
+    checkout, folder, calibration_file, sparsity, skip_layer, out = sys.argv[1:7]
     sys.path.insert(0, checkout)
     import lib.prune as authors
 
@@ -43,6 +46,15 @@ def main() -> None:
                        position_ids=position_ids, **kwargs)
 
     modeling_llama.LlamaDecoderLayer.forward = with_rotary
+    names = {module: name for name, module in model.named_modules()}
+    wrapped = {}                                  # layer name -> their statistics object, the last one made for it
+
+    class Recorded(authors.WrappedGPT):
+        def __init__(self, layer, *rest, **options):
+            super().__init__(layer, *rest, **options)
+            wrapped[names[layer]] = self
+
+    authors.WrappedGPT = Recorded
     # their command-line defaults (main.py), with the initial mask from Wanda
     args = SimpleNamespace(nsamples=len(windows), seed=0, sparsity_ratio=float(sparsity), initial_method="wanda",
                            max_cycle_time=50, without_DSnoT=False, update_threshold=0.1, pow_of_var_regrowing=1.0,
@@ -53,6 +65,9 @@ def main() -> None:
         authors.prune_DSnoT(args, model, None, torch.device("cpu"))
     seconds = time.perf_counter() - start
     save_model(model, out)
+    if len(sys.argv) > 7:   # sum_metric_row: a window's token sum averaged over windows; var: (in, 1)
+        torch.save({name: {"mean": w.sum_metric_row.clone(), "variance": w.var.flatten().clone(),
+                           "sq_mean": w.scaler_row.clone()} for name, w in wrapped.items()}, sys.argv[7])
     print(json.dumps({"seconds": seconds}))
 
 

@@ -111,7 +111,7 @@ def test_faithful_loop_cancels_the_mean_error_and_keeps_the_pattern(layer, nm):
     keep = keep_mask(wanda_score(weight, x.pow(2).sum(0)), 0.5, nm)
     mean, variance = x.mean(0), x.var(0, unbiased=False)
     refined, swaps = faithful_refine(weight, weight * keep, keep, mean, variance, wanda_score(weight, x.pow(2).sum(0)),
-                                     nm=nm, threshold=0.01, same_sign=nm is not None)
+                                     nm=nm, same_sign=nm is not None)
     assert torch.equal((~refined).sum(1), (~keep).sum(1)) and swaps.sum() > 0
     if nm:
         assert ((~refined).reshape(32, -1, 4).sum(-1) == 2).all()
@@ -123,6 +123,17 @@ def test_faithful_loop_cancels_the_mean_error_and_keeps_the_pattern(layer, nm):
     loose, _ = faithful_refine(weight, weight * keep, keep, mean, variance, wanda_score(weight, x.pow(2).sum(0)),
                                nm=nm, threshold=1e9)
     assert torch.equal(loose, keep)                                 # |e| under the threshold: nothing moves
+
+
+def test_faithful_loop_walks_on_past_the_helpful_prune_candidates_as_released():
+    """Error 3 > 0 and no kept weight whose removal lowers it: the released code still prunes the highest-scoring
+    kept weight (4, then 3) against the largest pruned one (2, then 1); then the next grow candidate is a weight
+    kept from the start and the row stops."""
+    weight = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    keep = torch.tensor([[False, False, True, True]])
+    ones = torch.ones(4)
+    refined, swaps = faithful_refine(weight, weight * keep, keep, ones, ones, weight.abs())
+    assert refined.tolist() == [[True, True, False, False]] and swaps.tolist() == [2]
 
 
 def _run(tiny, method, options):

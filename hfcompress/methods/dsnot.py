@@ -11,7 +11,10 @@ Two variants choose the swaps differently:
   is the pruned one with the largest W_ij mu_j / v_j^power if e_i > 0 (the smallest otherwise), the weight pruned
   (unstructured) the kept one with the lowest Wanda score among those whose removal moves e_i toward 0, or (N:M)
   the lowest-scoring kept weight of the grown one's group, both in orders computed once; a row stops when
-  |e_i| <= `threshold`. As released: e is summed over the tokens of a calibration window (so the threshold 0.1
+  |e_i| <= `threshold`. A row that has used up the kept weights moving e_i toward 0 goes on, as the released code
+  does, to those moving it away, the highest-scoring first (the paper's rule has no candidate left there); a row
+  whose next grow candidate is no longer pruned, or prune candidate no longer kept, stops (the released code would
+  change its sparsity). As released: e is summed over the tokens of a calibration window (so the threshold 0.1
   means less as windows grow longer), the variance has no epsilon, and a swap is taken whenever |e| is above the
   threshold; unstructured runs have no same-sign stop (the released script's `--without_same_sign` is a
   `type=bool` flag that is always true), N:M runs stop a row whose error would change sign. The variance is theirs
@@ -48,14 +51,16 @@ from .wanda import wanda_score
 
 
 def prune_order(score: torch.Tensor, keep: torch.Tensor, removal: torch.Tensor) -> torch.Tensor:
-    """Column order (rows, in) of the prune candidates: kept weights with removal < 0 by ascending score, then
-    (the middle: pruned weights and removal == 0) and kept weights with removal > 0 by descending score, so the
-    front serves rows whose error is positive and the back rows whose error is negative."""
+    """Column order (rows, in) of the prune candidates, as the authors' code lays it out: the kept weights whose
+    removal < 0 by ascending score, those with removal == 0, those with removal > 0 by descending score, then the
+    pruned weights (never candidates). A row whose error is positive walks it from the front, one whose error is
+    negative from its last kept weight backwards; a walk that runs out of weights moving the error toward 0 goes on
+    into the others, the highest-scoring first, as theirs does."""
     cols = score.shape[1]
     rank = torch.where(keep, score, torch.inf).argsort(dim=1, stable=True).argsort(dim=1).float()
-    key = torch.full_like(score, 2.0 * cols)
+    key = torch.where(keep, 2.0 * cols + rank, 8.0 * cols)
     key = torch.where(keep & (removal < 0), rank, key)
-    key = torch.where(keep & (removal > 0), 4.0 * cols - rank, key)
+    key = torch.where(keep & (removal > 0), 6.0 * cols - rank, key)
     return key.argsort(dim=1, stable=True)
 
 
@@ -85,7 +90,7 @@ def faithful_refine(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tens
     grow_low, grow_high = torch.zeros_like(row_index), torch.full_like(row_index, cols - 1)
     if nm is None:
         order = prune_order(score, keep, current * mean)
-        prune_low, prune_high = torch.zeros_like(row_index), torch.full_like(row_index, cols - 1)
+        prune_low, prune_high = torch.zeros_like(row_index), keep.sum(dim=1) - 1
     active = torch.ones(rows, dtype=torch.bool, device=dense.device)
     swaps = torch.zeros(rows, dtype=torch.long, device=dense.device)
     for _ in range(cycles):
@@ -101,10 +106,8 @@ def faithful_refine(dense: torch.Tensor, current: torch.Tensor, keep: torch.Tens
             in_group = torch.where(swappable.gather(1, group), score.gather(1, group), torch.inf)
             prune = group.gather(1, in_group.argmin(dim=1, keepdim=True)).squeeze(1)
         grown_value, pruned_value = dense[row_index, grow], current[row_index, prune]
-        after = error - grown_value * mean[grow] + pruned_value * mean[prune]
+        after = error + pruned_value * mean[prune] - grown_value * mean[grow]    # their order of additions
         ok = active & growable[row_index, grow] & swappable[row_index, prune] & (error.abs() > threshold)
-        if nm is None:  # the candidate must move the error toward 0
-            ok &= torch.where(error >= 0, pruned_value * mean[prune] < 0, pruned_value * mean[prune] > 0)
         if same_sign:
             ok &= after.sign() == start_sign
         active &= ok
