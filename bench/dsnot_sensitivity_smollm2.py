@@ -1,13 +1,13 @@
 """Benchmark: how far DSnoT's result moves when its inputs change in the last bit, per variant, on SmolLM2-135M.
 
-    python bench/dsnot_sensitivity_smollm2.py       # about 6 minutes on 2 CPU cores
+    python bench/dsnot_sensitivity_smollm2.py [--nudges 3]      # about 16 minutes on 2 CPU cores
 
-DSnoT at 60 % on a Wanda mask, refining every layer, runs twice per variant (`faithful: true`, the default): once on
-the model as it is, once with 1 % of the embedding entries moved up by one ulp (`torch.nextafter`), which changes
-the first block's inputs in their last bit and, through the sequential passes, every later block's. Same calibration
-(32 x 512 tokens, seed 0) and evaluation windows. The spread tells how much of a gap between two implementations
-of the same rule (hfcompress `faithful` vs the authors' code, whose block-to-block passes round differently) can be
-rounding alone. Writes bench/results/dsnot_sensitivity_smollm2.{json,md}.
+DSnoT at 60 % on a Wanda mask, refining every layer, per variant (`faithful: true`, the default): once on the model
+as it is, then once per nudge with 1 % of the embedding entries (a different random 1 % each time) moved up by one
+ulp (`torch.nextafter`), which changes the first block's inputs in their last bit and, through the sequential
+passes, every later block's. Same calibration (32 x 512 tokens, seed 0) and evaluation windows. The spread tells how
+much of a gap between two implementations of the same rule (hfcompress `faithful` vs the authors' code, whose
+statistics round differently) can be rounding alone. Writes bench/results/dsnot_sensitivity_smollm2.{json,md}.
 """
 
 from __future__ import annotations
@@ -25,42 +25,48 @@ from hfcompress.evaluate import perplexity
 from hfcompress.loading import load_model
 
 
-def nudge_embeddings(model: torch.nn.Module, share: float = 0.01) -> None:
-    """One ulp up on `share` of the input embedding's entries (a fixed random choice)."""
+def nudge_embeddings(model: torch.nn.Module, seed: int, share: float = 0.01) -> None:
+    """One ulp up on `share` of the input embedding's entries (a random choice fixed by `seed`)."""
     weight = model.get_input_embeddings().weight.data
-    pick = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < share
+    pick = torch.rand(weight.shape, generator=torch.Generator().manual_seed(seed)) < share
     weight[pick] = torch.nextafter(weight[pick], torch.full_like(weight[pick], torch.inf))
 
 
 def main() -> None:
-    args = common_parser(__doc__.splitlines()[0]).parse_args()
+    parser = common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--nudges", type=int, default=3, help="nudged runs per variant, each with its own seed")
+    args = parser.parse_args()
     _, _, resolved, calibration, _, windows = prepare(args, llmc=False)
     device, rows = torch.device("cpu"), []
     for faithful in (True, False):
         found = {}
-        for nudged in (False, True):
+        for nudge in (None, *range(args.nudges)):
             model = load_model(resolved, "float32", device)
-            if nudged:
-                nudge_embeddings(model)
+            if nudge is not None:
+                nudge_embeddings(model, seed=nudge)
             config = hfcompress.make_config("dsnot", {"sparsity": 0.6, "faithful": faithful, "refine": []})
             hfcompress.available_methods()["dsnot"].transform(model, config, Context(calibration=calibration,
                                                                                      device=device))
-            found[nudged] = masks(model)
-            rows.append({"variant": "faithful" if faithful else "default", "nudged": nudged,
+            found[nudge] = masks(model)
+            rows.append({"variant": "faithful" if faithful else "default", "nudge": nudge,
                          "perplexity": perplexity(model, windows, device)})
+            if nudge is not None:
+                same = sum((found[None][n] == found[nudge][n]).sum().item() for n in found[None])
+                rows[-1]["mask_agreement"] = same / sum(m.numel() for m in found[None].values())
             print(rows[-1], flush=True)
-        same = sum((found[False][n] == found[True][n]).sum().item() for n in found[False])
-        rows[-1]["mask_agreement"] = same / sum(m.numel() for m in found[False].values())
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "machine": record.machine(),
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)}}
     (RESULTS / "dsnot_sensitivity_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"SmolLM2-135M, wanda + dsnot at 60 %, every layer refined; {meta['machine']}, {meta['date']}.", "",
-             "| variant | embeddings | perplexity | masks equal to the un-nudged run's |", "|---|---|---:|---:|"]
+             "| variant | embeddings | perplexity | x as loaded | masks equal to the as-loaded run's |",
+             "|---|---|---:|---:|---:|"]
+    loaded = {r["variant"]: r["perplexity"] for r in rows if r["nudge"] is None}
     for r in rows:
         agree = f"{r['mask_agreement']:.2%}" if "mask_agreement" in r else ""
-        lines.append(f"| {r['variant']} | {'1 % one ulp up' if r['nudged'] else 'as loaded'} | "
-                     f"{r['perplexity']:.2f} | {agree} |")
+        what = "as loaded" if r["nudge"] is None else f"1 % one ulp up (seed {r['nudge']})"
+        lines.append(f"| {r['variant']} | {what} | {r['perplexity']:.2f} | "
+                     f"{r['perplexity'] / loaded[r['variant']]:.3f} | {agree} |")
     (RESULTS / "dsnot_sensitivity_smollm2.md").write_text("\n".join(lines) + "\n")
 
 
