@@ -10,7 +10,8 @@ code left in the layer. Both runs of the full pipeline pass the calibration wind
 their own code, which rounds differently; this takes those passes out, so any mask that still differs differs
 because of the rule. Beside it, per block: hfcompress's own full `faithful` run (same windows), how far the
 statistics its layers were pruned with lie from the authors' (the largest relative difference of any channel's
-mean square), and how many of its weights' masks match theirs. Writes bench/results/dsnot_same_inputs.{json,md}.
+mean square), and how many of its weights' masks match theirs. Writes bench/results/dsnot_same_inputs.{json,md}
+(`_attention` added to the name with `--skip mlp`).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def main() -> None:
         lines.append(f"| {block} | {max(r['statistics_difference'] for r in part):.1e} | "
                      f"{1 - sum(r['pipeline_differ'] for r in part) / weights:.2%} | "
                      f"{1 - sum(r['differ'] for r in part) / weights:.4%} |")
-    record.write("dsnot_same_inputs", meta, rows, lines)
+    record.write("dsnot_same_inputs" + ("_attention" if args.skip == "mlp" else ""), meta, rows, lines)
     print("\n".join(lines[:3]))
 
 

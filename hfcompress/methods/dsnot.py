@@ -55,7 +55,8 @@ def prune_order(score: torch.Tensor, keep: torch.Tensor, removal: torch.Tensor) 
     removal < 0 by ascending score, those with removal == 0, those with removal > 0 by descending score, then the
     pruned weights (never candidates). A row whose error is positive walks it from the front, one whose error is
     negative from its last kept weight backwards; a walk that runs out of weights moving the error toward 0 goes on
-    into the others, the highest-scoring first, as theirs does."""
+    into the others, the highest-scoring first, as theirs does. (Theirs fills the removal == 0 places with the
+    row's lowest-scoring kept weight, repeated; those need a channel mean or weight of exactly 0.)"""
     cols = score.shape[1]
     rank = torch.where(keep, score, torch.inf).argsort(dim=1, stable=True).argsort(dim=1).float()
     key = torch.where(keep, 2.0 * cols + rank, 8.0 * cols)
