@@ -92,13 +92,12 @@ def main() -> None:
         ours, swaps = faithful_refine(weight, pruned, keep, stats["mean"], stats["variance"],
                                       wanda_score(pruned, stats["sq_mean"]))
         their_keep = theirs[f"{name}.weight"] != 0
+        same_inputs, full_runs = ours != their_keep, own_masks[name] != their_keep    # (out, in): entries apart
         apart = ((own_stats[name] - stats["sq_mean"]).abs() / stats["sq_mean"]).max().item()
         rows.append({"layer": name, "weights": weight.numel(), "rows": weight.shape[0],
-                     "differ": int((ours != their_keep).sum()),
-                     "rows_differing": int((ours != their_keep).any(1).sum()),
+                     "differ": int(same_inputs.sum()), "rows_differing": int(same_inputs.any(1).sum()),
                      "mean_swaps_per_row": round(swaps.float().mean().item(), 3), "statistics_difference": apart,
-                     "pipeline_differ": int((own_masks[name] != their_keep).sum()),
-                     "pipeline_rows_differing": int((own_masks[name] != their_keep).any(1).sum())})
+                     "pipeline_differ": int(full_runs.sum()), "pipeline_rows_differing": int(full_runs.any(1).sum())})
     total, differ = sum(r["weights"] for r in rows), sum(r["differ"] for r in rows)
     meta = {"date": datetime.date.today().isoformat(), "machine": record.machine(), "torch": torch.__version__,
             "sparsity": SPARSITY, "skip_layer": args.skip, "layers": len(rows),

@@ -13,11 +13,11 @@ statistics round differently) can be rounding alone. Writes bench/results/dsnot_
 from __future__ import annotations
 
 import datetime
-import json
 
 import record
 import torch
-from sparsity_vs_llmcompressor import RESULTS, common_parser, masks, prepare
+from dsnot_smollm2 import agreement
+from sparsity_vs_llmcompressor import common_parser, masks, prepare
 
 import hfcompress
 from hfcompress.context import Context
@@ -51,13 +51,11 @@ def main() -> None:
             rows.append({"variant": "faithful" if faithful else "default", "nudge": nudge,
                          "perplexity": perplexity(model, windows, device)})
             if nudge is not None:
-                same = sum((found[None][n] == found[nudge][n]).sum().item() for n in found[None])
-                rows[-1]["mask_agreement"] = same / sum(m.numel() for m in found[None].values())
+                rows[-1]["mask_agreement"] = agreement(found[None], found[nudge])
             print(rows[-1], flush=True)
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "machine": record.machine(),
             "calibration": calibration.info, "evaluation": {"seq_len": args.seq_len, "windows": len(windows)}}
-    (RESULTS / "dsnot_sensitivity_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"SmolLM2-135M, wanda + dsnot at 60 %, every layer refined; {meta['machine']}, {meta['date']}.", "",
              "| variant | embeddings | perplexity | x as loaded | masks equal to the as-loaded run's |",
              "|---|---|---:|---:|---:|"]
@@ -67,7 +65,7 @@ def main() -> None:
         what = "as loaded" if r["nudge"] is None else f"1 % one ulp up (seed {r['nudge']})"
         lines.append(f"| {r['variant']} | {what} | {r['perplexity']:.2f} | "
                      f"{r['perplexity'] / loaded[r['variant']]:.3f} | {agree} |")
-    (RESULTS / "dsnot_sensitivity_smollm2.md").write_text("\n".join(lines) + "\n")
+    record.write("dsnot_sensitivity_smollm2", meta, rows, lines)
 
 
 if __name__ == "__main__":
