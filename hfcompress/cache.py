@@ -66,14 +66,18 @@ def measurement_key(weights: str, windows: Any, settings: dict[str, Any]) -> str
     return digest.hexdigest()
 
 
-def cached_measurement(key: str, measure: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
-    """(metrics, whether they came from the cache): read the entry `key`, or measure and store it."""
+def cached_measurement(key: str, measure: Callable[[], dict[str, Any]],
+                       keep: Callable[[dict[str, Any]], bool] = lambda metrics: True) -> tuple[dict[str, Any], bool]:
+    """(metrics, whether they came from the cache): read the entry `key`, or measure and store it, unless
+    `keep(metrics)` is false (a measurement that says more of the moment than of the model: measured again)."""
     path = cache_dir() / "before" / f"{key}.json"
     try:
         return json.loads(path.read_text(encoding="utf-8")), True
     except (OSError, ValueError):
         pass
     metrics = measure()
+    if not keep(metrics):
+        return metrics, False
     try:
         write_entry(path, json.dumps(metrics))
     except OSError:

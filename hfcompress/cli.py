@@ -59,6 +59,7 @@ SECTION_FLAGS = {
     ("evaluation", "n_windows"): "--eval-windows", ("evaluation", "text_field"): "--eval-text-field",
     ("evaluation", "split"): "--eval-split", ("evaluation", "subset"): "--eval-subset",
     ("evaluation", "remeasure"): "--remeasure", ("evaluation", "dtype"): "--eval-dtype",
+    ("evaluation", "speed"): "--eval-speed", ("evaluation", "samples"): "--eval-samples",
     ("output", "dir"): "--out", ("output", "overwrite"): "--overwrite", ("output", "push_to"): "--push-to",
     ("output", "private"): "--private", ("export", "onnx"): "--onnx",
 }
@@ -76,28 +77,36 @@ def _add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             continue
         f = next(f for f in dataclasses.fields(SECTION_CLASSES[section]) if f.name == name)
         dest = f"{section}.{name}"
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool) and not f.default:   # off unless given: the flag alone turns it on
             parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS,
                                 help=f.metadata["help"])
-        else:
-            shown = "" if "default" in f.metadata["help"] else _default_text({section: f.default})
+        else:   # on by default: `--eval-speed false` turns it off (a switch, as the method flags)
+            switch = {"nargs": "?", "const": "true"} if f.type in ("bool", bool) else {}
+            shown = "" if states_default(f.metadata["help"]) else _default_text({section: f.default})
             parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(),
-                                help=f.metadata["help"] + shown)
+                                help=f.metadata["help"] + shown, **switch)
+
+
+def states_default(help_text: str) -> bool:
+    """Whether a help text gives its default itself, as `(default: ...)` or `(default 0.5 ...)`."""
+    return "(default" in help_text
 
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method options (each applies to the methods listed)")
     owners: dict[str, list[str]] = {}
     helps: dict[str, str] = {}
+    valid: dict[str, dict[str, str]] = {}      # option -> {method: its choices}
     defaults: dict[str, dict[str, Any]] = {}   # option -> {method: its default}
     switches: set[str] = set()                 # bool options: the flag alone means true
     for name, spec in available_methods().items():
         types = field_types(spec.config_class)
         for f in config_fields(spec.config_class):
             owners.setdefault(f.name, []).append(name)
-            listed = f" (one of: {', '.join(map(str, f.metadata['choices']))})" if "choices" in f.metadata else ""
-            helps.setdefault(f.name, f.metadata.get("help", "") + listed)
-            if f.default is not dataclasses.MISSING and "default" not in f.metadata.get("help", ""):
+            helps.setdefault(f.name, f.metadata.get("help", ""))
+            if "choices" in f.metadata:
+                valid.setdefault(f.name, {})[name] = ", ".join(map(str, f.metadata["choices"]))
+            if f.default is not dataclasses.MISSING and not states_default(f.metadata.get("help", "")):
                 defaults.setdefault(f.name, {})[name] = f.default
             if types[f.name] in (bool, bool | None):
                 switches.add(f.name)
@@ -106,7 +115,8 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
             helps[field_name] += "; several globs comma-separated, e.g. '*.mlp.*,*.self_attn.o_proj'"
         switch = {"nargs": "?", "const": "true"} if field_name in switches else {}
         group.add_argument("--" + field_name.replace("_", "-"), dest=f"method.{field_name}", default=argparse.SUPPRESS,
-                           metavar="VALUE", help=f"{helps[field_name]}{_default_text(defaults.get(field_name, {}))} "
+                           metavar="VALUE", help=f"{helps[field_name]}{_per_method('one of', valid.get(field_name))}"
+                                                 f"{_default_text(defaults.get(field_name, {}))} "
                                                  f"[{', '.join(methods)}]", **switch)
 
 
@@ -117,12 +127,17 @@ def _default_text(defaults: dict[str, Any]) -> str:
             return ",".join(map(str, value))
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    shown = {method: flag_value(value) for method, value in defaults.items() if value not in (None, "", ())}
+    return _per_method("default", {method: flag_value(value) for method, value in defaults.items()
+                                   if value not in (None, "", ())})
+
+
+def _per_method(label: str, shown: dict[str, str] | None) -> str:
+    """' (label: X)' when every method agrees, else ' (label: X for a; Y for b)'; nothing for no values."""
     if not shown:
         return ""
     if len(set(shown.values())) == 1:
-        return f" (default: {next(iter(shown.values()))})"
-    return " (default: " + ", ".join(f"{value} for {method}" for method, value in shown.items()) + ")"
+        return f" ({label}: {next(iter(shown.values()))})"
+    return f" ({label}: " + "; ".join(f"{value} for {method}" for method, value in shown.items()) + ")"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,11 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Score every transformer block as layerwise_quant does (higher = more "
                                      "important), print the ranking and write a bar chart.")
     imp.add_argument("model")
-    imp.add_argument("--score", default="lim", help="`lim` (calibration data), `zd` (no data), `random`, `reverse`")
+    imp.add_argument("--score", default="lim", help="`lim` (calibration data), `zd` (no data), `random`, `reverse` "
+                                                    "(default: lim)")
     imp.add_argument("--zd-direction", default="low", help="with --score zd: `low` or `high` share of large weights "
-                                                           "marks an important block")
-    imp.add_argument("--shuffle-seed", type=int, default=0, help="seed of --score random")
-    imp.add_argument("--plot", default="importance.png", help="where to write the bar chart ('' for none)")
+                                                           "marks an important block (default: low)")
+    imp.add_argument("--shuffle-seed", type=int, default=0, help="seed of --score random (default: 0)")
+    imp.add_argument("--plot", default="importance.png", help="where to write the bar chart ('' for none; default: "
+                                                              "importance.png)")
     _add_section_flags(imp, ("model", "calibration"))
 
     sub.add_parser("methods", help="list the registered methods")
@@ -313,9 +330,22 @@ def with_switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list
     return out
 
 
+def refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit with the command's own usage line, naming the flags it does not take and the nearest ones it does."""
+    import difflib
+
+    subcommand = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [flag for action in subcommand._actions for flag in action.option_strings]
+    hints = [f"; for {token}, did you mean {' or '.join(near)}?" for token in unknown
+             if token.startswith("-") and (near := difflib.get_close_matches(token, flags, 2))]
+    subcommand.error(f"unrecognized arguments: {' '.join(unknown)}{''.join(hints)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(with_switch_values(parser, sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(with_switch_values(parser, sys.argv[1:] if argv is None else argv))
+    if unknown:
+        refuse_unknown(parser, args.command, unknown)
     try:
         _run(args)
     except HfCompressError as error:

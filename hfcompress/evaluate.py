@@ -234,14 +234,17 @@ def pad_token_id(generation_config: Any) -> int | None:
 SPREAD = 0.05  # tokens/s is published only when the fastest timings agree this closely
 
 
-def settled(sample: Callable[[], float], least: int = 3) -> tuple[float, float, int]:
+def settled(sample: Callable[[], float], least: int = 3,
+            tick: Callable[[], Any] = lambda: None) -> tuple[float, float, int]:
     """(median of the `least` fastest, their relative spread, runs) of `sample()` (seconds), after one warm-up run:
     repeated until the `least` fastest lie within `SPREAD` of each other, at most 4 x `least` times. A busy
-    machine slows some runs; the fastest ones agree once enough runs are taken, or never."""
+    machine slows some runs; the fastest ones agree once enough runs are taken, or never. `tick()` after each run
+    (outside the timed part), for a progress bar."""
     sample()
     times: list[float] = []
     while True:
         times.append(sample())
+        tick()
         fastest = sorted(times)[:least]
         spread = (fastest[-1] - fastest[0]) / fastest[0] if fastest[0] > 0 else math.inf
         if len(times) >= least and (spread <= SPREAD or len(times) >= 4 * least):
@@ -255,23 +258,30 @@ def _unsettled(what: str, spread: float, runs: int) -> str:
 
 
 def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any] | None, prompt_tokens: int,
-                device: torch.device, new_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
+                device: torch.device, new_tokens: int = 32, repeats: int = 3, desc: str = "") -> dict[str, Any]:
     """Prefill tokens/s (`forward()` over a prompt of `prompt_tokens`) and greedy decode tokens/s with a KV cache,
     from t(generate(new_tokens)) - t(generate(1)), so the prompt's own prefill is not counted as decoding. Each
     time is `settled` over at least `repeats` runs; a number whose timings never agree is left out, and
     `speed_note` says why (published numbers are never noise). `generate=None`: prefill only (encoders). Any
-    runtime: PyTorch here, ONNX Runtime for exports."""
+    runtime: PyTorch here, ONNX Runtime for exports. A progress bar (`desc`) counts the timings, up to 4 x `repeats`
+    of each kind on a busy machine."""
+    with tqdm(desc=f"tokens/s {desc}".strip(), unit=" timings", leave=False) as bar:
+        return _timed_speed(forward, generate, prompt_tokens, device, new_tokens, repeats, bar.update)
+
+
+def _timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any] | None, prompt_tokens: int,
+                 device: torch.device, new_tokens: int, repeats: int, tick: Callable[[], Any]) -> dict[str, Any]:
     speed: dict[str, Any] = {}
     notes = []
-    prefill, spread, runs = settled(lambda: _seconds(forward, device), repeats)
+    prefill, spread, runs = settled(lambda: _seconds(forward, device), repeats, tick)
     if spread <= SPREAD:
         speed["prefill_tokens_per_s"] = prompt_tokens / prefill
     else:
         notes.append(_unsettled("prefill tokens/s", spread, runs))
     if generate is None:
         return {**speed, **({"speed_note": notes[0]} if notes else {})}
-    many, spread_many, runs_many = settled(lambda: _seconds(lambda: generate(new_tokens), device), repeats)
-    one, spread_one, runs_one = settled(lambda: _seconds(lambda: generate(1), device), repeats)
+    many, spread_many, runs_many = settled(lambda: _seconds(lambda: generate(new_tokens), device), repeats, tick)
+    one, spread_one, runs_one = settled(lambda: _seconds(lambda: generate(1), device), repeats, tick)
     # the spread of the difference: both times' uncertainties, in seconds, over what is left of them
     spread = (spread_many * many + spread_one * one) / (many - one) if many > one else math.inf
     if spread <= SPREAD:
@@ -285,14 +295,14 @@ def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any] | Non
 
 @torch.no_grad()
 def tokens_per_second(model: nn.Module, prompt: torch.Tensor, device: torch.device, new_tokens: int = 32,
-                      repeats: int = 3) -> dict[str, float]:
+                      repeats: int = 3, desc: str = "") -> dict[str, float]:
     """`timed_speed` of `model.generate` from the first 32 tokens of `prompt` (1, T), prefill over all of it."""
     prompt = prompt.to(device)
     pad = pad_token_id(model.generation_config)
     return timed_speed(lambda: model(input_ids=prompt, use_cache=False),
                        lambda n: model.generate(prompt[:, :32], max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                 pad_token_id=pad),
-                       prompt.shape[1], device, new_tokens, repeats)
+                       prompt.shape[1], device, new_tokens, repeats, desc)
 
 
 SAMPLE_PROMPTS = ("The capital of France is", "Write one sentence about the sea.", "Two plus two equals")
@@ -341,8 +351,8 @@ def measure(model: nn.Module, family: str, device: torch.device,
     if family != "encoder" and isinstance(windows, torch.Tensor):  # cut only for what measures perplexity
         with on_device(model, device) as streamed, computing_in(model, compute_dtype):
             metrics["perplexity"] = perplexity(model, windows, device, desc=f"perplexity {desc}".strip())
-            if speed and not streamed and family == "causal-lm":  # streaming every weight per decoded token
-                metrics.update(tokens_per_second(model, windows[:1, :256], device))  # would time the PCIe bus
+            if speed and not streamed and family == "causal-lm":  # streamed, it would time moving the weights
+                metrics.update(tokens_per_second(model, windows[:1, :256], device, desc=desc))
             if tokenizer is not None and family == "causal-lm":
                 metrics["samples"] = greedy_samples(model, tokenizer, device)
     if windows is not None and reference is not None:

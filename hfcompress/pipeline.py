@@ -263,7 +263,9 @@ def compress(recipe: Recipe | dict | str, *, log: Callable[[str], None] = print,
             "family": resolved.family, "dtype": model.dtype, "storage": storage_dtype, "device": device,
             "structure": source.to_dict(), "speed": ev.speed, "samples": ev.samples,
             "threads": torch.get_num_threads(), "eval_dtype": eval_dtype})
-        before, before_cached = cached_measurement(key, measure_before) if key else (measure_before(), False)
+        # tokens/s that never settled (a busy machine) is not kept: the next run times it again
+        before, before_cached = (cached_measurement(key, measure_before, keep=lambda m: "speed_note" not in m)
+                                 if key else (measure_before(), False))
         kept = {"sparsity": pruned, "nominal_bits": quantizes}   # the rows this run's table has
         before = {name: value for name, value in before.items() if kept.get(name, True)}
         if before_cached:

@@ -73,7 +73,7 @@ class EvaluationSpec:
     source: str = option("builtin", "evaluation text (`builtin` uses a book kept apart from calibration text)")
     seq_len: int | None = option(None, "tokens per evaluation window, non-overlapping (default: 512, capped at the "
                                        "model's context)")
-    n_windows: int | None = option(32, "number of windows (None: the whole text); for CLIP, of image-caption pairs")
+    n_windows: int | None = option(32, "number of windows (`none`: the whole text); for CLIP, of image-caption pairs")
     speed: bool = option(True, "measure prefill and decode tokens/s")
     samples: bool = option(True, "greedy answers of the model before and after to three fixed prompts, side by side "
                                  "in the card (causal LMs; a few seconds on a CPU)")

@@ -107,7 +107,12 @@ def test_help_shows_defaults_and_describes_every_command():
     for flag, default in [("--seed SEED", "(default: 0)"), ("--split SPLIT", "(default: train)"),
                           ("--eval-split SPLIT", "(default: test)"), ("--eval-windows N_WINDOWS", "(default: 32)"),
                           ("--cycles VALUE", "(default: 50)"), ("--faithful [VALUE]", "(default: false)"),
-                          ("--bits VALUE", "(default: 4 for gptq, 4,2 for layerwise_quant, 4 for rtn)")]:
+                          ("--bits VALUE", "(default: 4 for gptq; 4,2 for layerwise_quant; 4 for rtn)"),
+                          ("--act-order [VALUE]", "(default: true)"), ("--estimate VALUE", "(default: hessian)"),
+                          ("--score VALUE", "(one of: similarity, influence for layer_drop; lim, zd, random, "
+                                            "reverse for layerwise_quant)"),
+                          ("--eval-speed [SPEED]", "(default: true)"),
+                          ("--eval-samples [SAMPLES]", "(default: true)")]:
         after = " ".join(compress_help.split(f"\n  {flag}", 1)[1].split()[:40])  # the option's own help line
         assert default in after, flag
     assert "severalglobscomma-separated" in "".join(compress_help.split())  # help wraps at spaces and hyphens
@@ -115,6 +120,27 @@ def test_help_shows_defaults_and_describes_every_command():
         assert subcommands[name].description, name
         positional = [a for a in subcommands[name]._actions if not a.option_strings]
         assert all(a.help for a in positional), name
+
+
+def test_evaluation_speed_and_samples_can_be_turned_off_from_the_command_line():
+    parser = build_parser()
+
+    def evaluation(*flags):
+        argv = ["compress", "m", "--method", "wanda", *flags]
+        return recipe_from_args(parser.parse_args(with_switch_values(parser, argv))).evaluation
+
+    assert evaluation().speed and evaluation().samples
+    off = evaluation("--eval-speed", "false", "--eval-samples", "no")
+    assert not off.speed and not off.samples
+    assert evaluation("--eval-speed", "--eval-samples", "yes").speed
+
+
+def test_an_unknown_flag_gets_the_command_usage_and_the_nearest_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", "m", "--method", "wanda", "--sparstiy", "0.5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: hfcompress compress ")
+    assert "unrecognized arguments: --sparstiy 0.5; for --sparstiy, did you mean --sparsity" in err
 
 
 def test_a_boolean_option_alone_means_true_and_a_bad_word_names_the_good_ones():
