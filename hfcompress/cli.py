@@ -20,8 +20,9 @@ import os
 import sys
 from typing import Any
 
+from .configs.layerwise_quant import LayerwiseQuantConfig
 from .errors import HfCompressError, InvalidOptionError, choices
-from .options import FALSE_WORDS, TRUE_WORDS, config_fields, field_types, from_values
+from .options import FALSE_WORDS, TRUE_WORDS, config_fields, field_types, from_values, option_choices
 from .recipe import (
     CalibrationSpec,
     EvaluationSpec,
@@ -195,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Score every transformer block as layerwise_quant does (higher = more "
                                      "important), print the ranking and write a bar chart.")
     imp.add_argument("model")
-    imp.add_argument("--score", default="lim", help="`lim` (calibration data), `zd` (no data), `random`, `reverse` "
-                                                    "(default: lim)")
-    imp.add_argument("--zd-direction", default="low", help="with --score zd: `low` or `high` share of large weights "
-                                                           "marks an important block (default: low)")
+    imp.add_argument("--score", default="lim", choices=option_choices(LayerwiseQuantConfig, "score"), metavar="SCORE",
+                     help="`lim` (calibration data), `zd` (no data), `random`, `reverse` (default: lim)")
+    imp.add_argument("--zd-direction", default="low", choices=option_choices(LayerwiseQuantConfig, "zd_direction"),
+                     metavar="DIRECTION", help="with --score zd: `low` or `high` share of large weights marks an "
+                                               "important block (default: low)")
     imp.add_argument("--shuffle-seed", type=int, default=0, help="seed of --score random (default: 0)")
     imp.add_argument("--plot", default="importance.png", help="where to write the bar chart ('' for none; default: "
                                                               "importance.png)")

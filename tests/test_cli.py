@@ -208,6 +208,7 @@ print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "transforme
     (["compress", "m", "--method", "wanda", "--sparsity", "1.5"], 2),  # a bad ratio
     (["compress", "m", "--method", "wanda", "--bogus", "1"], 2),      # argparse: unknown flag
     (["compress", "m", "--method", "wanda", "--out", "taken"], 2),    # an output folder that is not empty
+    (["importance", "m", "--score", "foo"], 2),                       # an unknown block score
 ])
 def test_help_listing_and_argument_errors_answer_without_torch_in_under_a_second(argv, code, tmp_path):
     """A fresh process, interpreter start-up included: nothing heavy is imported, and the answer comes in under 1 s

@@ -145,5 +145,13 @@ def test_importance_command_ranks_the_blocks_and_draws_them(tiny, tmp_path, monk
     assert main(["importance", tiny("llama"), "--n-samples", "2", "--seq-len", "16", "--plot", ""]) == 0
     assert "model.layers.2" in capsys.readouterr().out
     monkeypatch.setattr("hfcompress.importance.load_model", lambda *a, **k: pytest.fail("weights were loaded"))
-    assert main(["importance", tiny("llama"), "--score", "magnitude"]) == 2
-    assert "valid: `lim`, `zd`, `random`, `reverse`" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:                          # the command line: before torch is imported
+        main(["importance", tiny("llama"), "--score", "magnitude"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'magnitude' (choose from 'lim', 'zd', 'random', 'reverse')" in capsys.readouterr().err
+    from hfcompress.errors import InvalidOptionError
+    from hfcompress.importance import rank_blocks
+    from hfcompress.recipe import ModelSpec
+
+    with pytest.raises(InvalidOptionError, match="valid: `lim`, `zd`, `random`, `reverse`"):  # Python: no weights
+        rank_blocks(ModelSpec(id=tiny("llama")), "magnitude")
