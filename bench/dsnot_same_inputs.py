@@ -6,9 +6,8 @@ The authors' code (bench/authors_dsnot.py) prunes SmolLM2-135M at 60 % from a Wa
 the statistics it pruned with: each input channel's mean (their window-summed form), variance and mean square.
 Then, layer by layer, hfcompress's `faithful_refine` runs on the dense weight with those same statistics (the
 Wanda mask from them, the error and the orders from them), and its mask is compared with the one the authors'
-code left in the layer. Both runs of the full pipeline pass the calibration windows through the pruned blocks with
-their own code, which rounds differently; this takes those passes out, so any mask that still differs differs
-because of the rule. Beside it, per block: hfcompress's own full `faithful` run (same windows), how far the
+code left in the layer. This takes out the two codes' passes of the calibration windows through the pruned blocks,
+so any mask that still differs differs because of the rule. Beside it, per block: hfcompress's own full `faithful` run (same windows), how far the
 statistics its layers were pruned with lie from the authors' (the largest relative difference of any channel's
 mean square), and how many of its weights' masks match theirs. Writes bench/results/dsnot_same_inputs.{json,md}
 (`_attention` added to the name with `--skip mlp`).
@@ -17,12 +16,11 @@ mean square), and how many of its weights' masks match theirs. Writes bench/resu
 from __future__ import annotations
 
 import datetime
-import subprocess
-import sys
 from pathlib import Path
 
 import record
 import torch
+from authors_dsnot import run_authors
 from safetensors.torch import load_file
 from sparsity_vs_llmcompressor import WORK, common_parser, prepare
 
@@ -42,7 +40,7 @@ def pipeline_run(resolved, calibration, refine: list[str]) -> tuple[dict, dict]:
     seen, found = {}, {}
 
     def recording(weight, stats, name, *rest):
-        seen[name] = stats.sq_sum(name) / stats.windows(name)     # the authors' scaler_row
+        seen[name] = stats.window_sq_sum(name)                    # the authors' scaler_row
         found[name] = result = original(weight, stats, name, *rest)
         return result
 
@@ -75,11 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     _, folder, resolved, calibration, calib_file, _ = prepare(args, llmc=False)
     out_file, stats_file = WORK / f"authors-dsnot-{args.skip}.safetensors", WORK / f"authors-stats-{args.skip}.pt"
-    script = str(Path(__file__).with_name("authors_dsnot.py"))
-    done = subprocess.run([sys.executable, script, args.authors, folder, str(calib_file), str(SPARSITY), args.skip,
-                           str(out_file), str(stats_file)], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"the authors' code failed:\n{done.stderr[-4000:]}")
+    run_authors(args.authors, folder, calib_file, args.skip, out_file, sparsity=SPARSITY, statistics=stats_file)
     theirs, dense = load_file(out_file), load_file(Path(folder, "model.safetensors"))
     own_masks, own_stats = pipeline_run(resolved, calibration, [] if args.skip == "no_skip" else ["*self_attn*"])
     rows = []

@@ -17,12 +17,12 @@ from __future__ import annotations
 import datetime
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import record
 import torch
+from authors_dsnot import run_authors
 from safetensors.torch import load_model
 from sparsity_vs_llmcompressor import RESULTS, WORK, common_parser, masks, prepare
 
@@ -79,12 +79,7 @@ def main() -> None:
         for skip, refine, label in (("mlp", ATTENTION, "attention layers"), ("no_skip", [], "every layer")):
             ours = run("0.6", f"wanda + dsnot faithful, {label}", "dsnot", {"faithful": True, "refine": refine})
             out_file = WORK / f"authors-dsnot-{skip}.safetensors"
-            script = str(Path(__file__).with_name("authors_dsnot.py"))
-            done = subprocess.run([sys.executable, script, args.authors, folder, str(calib_file), "0.6", skip,
-                                   str(out_file)], capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"the authors' code failed:\n{done.stderr[-4000:]}")
-            info = json.loads(done.stdout.strip().splitlines()[-1])
+            info = run_authors(args.authors, folder, calib_file, skip, out_file)
             model = hf_load_model(resolved, "float32", device)
             load_model(model, str(out_file))
             rows.append({"tool": "authors' DSnoT", "setting": "0.6", "method": f"wanda + DSnoT, {label}",

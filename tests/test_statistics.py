@@ -18,7 +18,7 @@ def test_layers_reading_one_tensor_share_one_accumulator_and_sums_are_fp32(tiny)
     seen = {}
     hook = attention.q_proj.register_forward_hook(lambda m, args, out: seen.setdefault("q", []).append(args[0]))
     batches = torch.randint(0, 30000, (3, 16), generator=torch.Generator().manual_seed(0))
-    with InputStatistics(layers, ("sum", "sq_sum", "hessian", "window_variance")) as stats, torch.no_grad():
+    with InputStatistics(layers, ("sum", "sq_sum", "hessian", "window_averages")) as stats, torch.no_grad():
         for ids in batches.split([1, 2]):                                # one window, then a batch of two
             model(input_ids=ids, use_cache=False)
     hook.remove()
@@ -30,9 +30,12 @@ def test_layers_reading_one_tensor_share_one_accumulator_and_sums_are_fp32(tiny)
     torch.testing.assert_close(stats.sq_sum("k"), x.pow(2).sum(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stats.hessian("q"), x.t() @ x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.variance("q"), x.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
-    assert stats.windows("q") == 3                                      # the authors' DSnoT variance: per window
-    torch.testing.assert_close(stats.window_variance("q"), x.reshape(3, 16, -1).var(1, unbiased=False).mean(0),
-                               rtol=1e-4, atol=1e-5)
+    assert stats.windows("q") == 3                                      # the authors' DSnoT averages: per window
+    windows = x.reshape(3, 16, -1)
+    torch.testing.assert_close(stats.window_variance("q"), windows.var(1, unbiased=False).mean(0), rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(stats.window_sum("q"), windows.sum(1).mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.window_sq_sum("q"), windows.pow(2).sum(1).mean(0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="was not collected"):
         InputStatistics(layers).__enter__().hessian("q")
 

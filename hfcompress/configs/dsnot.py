@@ -46,10 +46,12 @@ class DSnoTConfig(PruningConfig):
 
 
 def dsnot_statistics(config: DSnoTConfig) -> tuple[str, ...]:
-    """The input statistics a run needs: channel means only where an error or estimate uses them."""
-    exact = not config.faithful and config.estimate == "hessian"
-    return (("sq_sum",) + (() if exact else ("sum",)) + (("hessian",) if exact or config.init == "sparsegpt" else ())
-            + (("window_variance",) if config.faithful else ()))
+    """The input statistics a run needs: channel means only where an error or estimate uses them; `faithful`
+    reads per-window averages accumulated as the authors' code accumulates them."""
+    sparsegpt = ("hessian",) if config.init == "sparsegpt" else ()
+    if config.faithful:
+        return ("window_averages",) + sparsegpt
+    return ("sq_sum",) + (("hessian",) if config.estimate == "hessian" else ("sum",) + sparsegpt)
 
 
 register(DSnoTConfig, transform="hfcompress.methods.dsnot:dsnot", check="hfcompress.sparsity:pruning_check",

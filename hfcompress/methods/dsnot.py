@@ -254,8 +254,10 @@ def diagonal_hessian(mean: torch.Tensor, variance: torch.Tensor, tokens: int) ->
 
 def refine_layer(weight: torch.Tensor, stats: InputStatistics, name: str, ratio: float, nm: tuple[int, int] | None,
                  config: DSnoTConfig, refined: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Initial mask of one layer, then the refinement when `refined`; (keep, new weight or None, swaps per row)."""
-    sq_sum = stats.sq_sum(name)
+    """Initial mask of one layer, then the refinement when `refined`; (keep, new weight or None, swaps per row).
+    `faithful` reads the statistics accumulated in the authors' order (`InputStatistics.window_sum`, ...): their
+    Wanda scores, error and variance, bit for bit on a CPU in fp32."""
+    sq_sum = stats.window_sq_sum(name) if config.faithful else stats.sq_sum(name)   # a window's: ranks the same
     if config.init == "sparsegpt":
         keep, current = sparsegpt_prune(weight, 2 * stats.hessian(name), ratio, nm)
     else:
@@ -266,9 +268,8 @@ def refine_layer(weight: torch.Tensor, stats: InputStatistics, name: str, ratio:
     initial_keep = keep
     pruned = weight * keep if current is None else current
     if config.faithful:
-        per_window = stats.tokens(name) / stats.windows(name)  # the authors' error sums over a window's tokens
         same_sign = config.same_sign if config.same_sign is not None else nm is not None
-        mean, variance = stats.mean(name) * per_window, stats.window_variance(name)
+        mean, variance = stats.window_sum(name), stats.window_variance(name)   # their error sums a window's tokens
         keep, swaps = faithful_refine(weight, pruned, keep, mean, variance, wanda_score(pruned, sq_sum), nm=nm,
                                       cycles=config.cycles, power=config.power, threshold=config.threshold,
                                       same_sign=same_sign)
