@@ -7,10 +7,10 @@ the statistics it pruned with: each input channel's mean (their window-summed fo
 Then, layer by layer, hfcompress's `faithful_refine` runs on the dense weight with those same statistics (the
 Wanda mask from them, the error and the orders from them), and its mask is compared with the one the authors'
 code left in the layer. This takes out the two codes' passes of the calibration windows through the pruned blocks,
-so any mask that still differs differs because of the rule. Beside it, per block: hfcompress's own full `faithful` run (same windows), how far the
-statistics its layers were pruned with lie from the authors' (the largest relative difference of any channel's
-mean square), and how many of its weights' masks match theirs. Writes bench/results/dsnot_same_inputs.{json,md}
-(`_attention` added to the name with `--skip mlp`).
+so any mask that still differs differs because of the rule. Beside it, per block: hfcompress's own full `faithful`
+run (same windows), how far the statistics its layers were pruned with lie from the authors' (the largest relative
+difference of any channel's mean square), and how many of its weights' masks match theirs. Writes
+bench/results/dsnot_same_inputs.{json,md} (`_attention` added to the name with `--skip mlp`).
 """
 
 from __future__ import annotations

@@ -24,15 +24,16 @@ def keep_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) 
     with `nm=(N, M)` the N lowest of every M consecutive columns. Ties go to the lower column index."""
     rows, cols = score.shape
     mask = torch.ones_like(score, dtype=torch.bool)
+    # a stable sort, not topk: topk leaves the order of equal scores open (and CPU and CUDA break them differently)
     if nm is not None:
         n, m = nm
         groups = score.reshape(rows, cols // m, m)                        # (out, in/M, M)
-        drop = torch.topk(groups, n, dim=-1, largest=False, sorted=False).indices
+        drop = groups.argsort(dim=-1, stable=True)[..., :n]
         return mask.reshape(rows, cols // m, m).scatter_(-1, drop, False).reshape(rows, cols)
     k = int(cols * sparsity)
     if k == 0:
         return mask
-    drop = torch.topk(score, k, dim=1, largest=False, sorted=False).indices  # (out, k)
+    drop = score.argsort(dim=1, stable=True)[:, :k]                       # (out, k)
     return mask.scatter_(1, drop, False)
 
 

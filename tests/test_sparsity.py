@@ -24,6 +24,14 @@ def test_nm_mask_zeroes_n_of_every_m(n, m):
     assert (groups.masked_fill(~keep, float("inf")).amin(-1) >= groups.masked_fill(keep, -1).amax(-1)).all()
 
 
+def test_equal_scores_drop_the_lower_column_first():
+    """As the reference Wanda and DSnoT code's stable sort does: ties are common in weights dequantized from a GGUF."""
+    assert not keep_mask(torch.ones(3, 1536), 0.6, None)[:, :921].any()
+    score = torch.tensor([[2.0, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0]])
+    assert keep_mask(score, 0.5, None).tolist() == [[True, False, False, False, False, True, True, True]]
+    assert keep_mask(score, 0.5, (2, 4)).tolist() == [[True, False, False, True, False, True, False, True]]
+
+
 def test_layer_mask_is_global_threshold():
     score = torch.arange(100.0).reshape(10, 10)
     keep = layer_keep_mask(score, 0.3)

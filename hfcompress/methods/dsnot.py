@@ -19,6 +19,9 @@ Two variants choose the swaps differently:
   threshold; unstructured runs have no same-sign stop (the released script's `--without_same_sign` is a
   `type=bool` flag that is always true), N:M runs stop a row whose error would change sign. The variance is theirs
   too: each channel's variance within a calibration window, averaged over the windows (not pooled over all tokens).
+  Its statistics are accumulated in the released code's order of fp32 operations (running averages over windows):
+  summed otherwise they differ by about 1e-6, which tips a near-tie within a few blocks and, through the later
+  blocks' inputs, about 6 % of the mask; in their order, a CPU fp32 run chooses the authors' masks bit for bit.
 - the default picks, in every row and cycle, the pruned weight to grow and the kept weight to prune that lower the
   layer's reconstruction error ||(W - What) X||^2 over the calibration tokens the most, and takes the pair only if
   together they lower it; a row stops when no pair does. With N:M the pair lies in one group of M: the group whose
