@@ -6,11 +6,11 @@ DSnoT at 60 % on a Wanda mask, refining every layer, per variant (`faithful: tru
 as it is, then once per nudge with 1 % of the embedding entries (a different random 1 % each time) moved up by one
 ulp (`torch.nextafter`), which changes the first block's inputs in their last bit and, through the sequential
 passes, every later block's. Same calibration (32 x 512 tokens, seed 0) and evaluation windows. The spread tells how
-much of a gap between two implementations of the same rule (hfcompress `faithful` vs the authors' code, whose
-statistics round differently) can be rounding alone. With a checkout of the authors' code at --authors, their code
-runs on the same nudged models (bench/authors_dsnot.py --nudge), so its own spread is measured too, and each
-nudge gives one more side-by-side pair of `faithful` and theirs on identical inputs. Writes
-bench/results/dsnot_sensitivity_smollm2.{json,md}.
+much of a gap between two implementations of the same rule can be rounding alone (hfcompress `faithful` summed its
+statistics until it took the authors' order of operations; it now matches their code bit for bit). With a checkout
+of the authors' code at --authors, their code runs on the same nudged models (bench/authors_dsnot.py --nudge), so
+its own spread is measured too, and each nudge gives one more side-by-side pair of `faithful` and theirs on
+identical inputs. Writes bench/results/dsnot_sensitivity_smollm2.{json,md}.
 """
 
 from __future__ import annotations

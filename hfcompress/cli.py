@@ -317,10 +317,15 @@ def _run(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.folder, 'README.md')}")
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The `hfcompress` parser's subcommand parsers, by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def with_switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """`argv` with `true` after each boolean method flag that no boolean word follows, so that `--faithful MODEL`
     is `--faithful true MODEL` rather than a flag given the model's name."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.values()
+    commands = subcommands(parser).values()
     switches = {flag for command in commands for action in command._actions if action.const == "true"
                 for flag in action.option_strings}
     out = []
@@ -336,7 +341,7 @@ def refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[
     """Exit with the command's own usage line, naming the flags it does not take and the nearest ones it does."""
     import difflib
 
-    subcommand = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    subcommand = subcommands(parser)[command]
     flags = [flag for action in subcommand._actions for flag in action.option_strings]
     hints = [f"; for {token}, did you mean {' or '.join(near)}?" for token in unknown
              if token.startswith("-") and (near := difflib.get_close_matches(token, flags, 2))]

@@ -265,23 +265,20 @@ def timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any] | Non
     `speed_note` says why (published numbers are never noise). `generate=None`: prefill only (encoders). Any
     runtime: PyTorch here, ONNX Runtime for exports. A progress bar (`desc`) counts the timings, up to 4 x `repeats`
     of each kind on a busy machine."""
-    with tqdm(desc=f"tokens/s {desc}".strip(), unit=" timings", leave=False) as bar:
-        return _timed_speed(forward, generate, prompt_tokens, device, new_tokens, repeats, bar.update)
-
-
-def _timed_speed(forward: Callable[[], Any], generate: Callable[[int], Any] | None, prompt_tokens: int,
-                 device: torch.device, new_tokens: int, repeats: int, tick: Callable[[], Any]) -> dict[str, Any]:
     speed: dict[str, Any] = {}
     notes = []
-    prefill, spread, runs = settled(lambda: _seconds(forward, device), repeats, tick)
+    with tqdm(desc=f"tokens/s {desc}".strip(), unit=" timings", leave=False) as bar:
+        prefill, spread, runs = settled(lambda: _seconds(forward, device), repeats, bar.update)
+        if generate is not None:
+            many, spread_many, runs_many = settled(lambda: _seconds(lambda: generate(new_tokens), device), repeats,
+                                                   bar.update)
+            one, spread_one, runs_one = settled(lambda: _seconds(lambda: generate(1), device), repeats, bar.update)
     if spread <= SPREAD:
         speed["prefill_tokens_per_s"] = prompt_tokens / prefill
     else:
         notes.append(_unsettled("prefill tokens/s", spread, runs))
     if generate is None:
         return {**speed, **({"speed_note": notes[0]} if notes else {})}
-    many, spread_many, runs_many = settled(lambda: _seconds(lambda: generate(new_tokens), device), repeats, tick)
-    one, spread_one, runs_one = settled(lambda: _seconds(lambda: generate(1), device), repeats, tick)
     # the spread of the difference: both times' uncertainties, in seconds, over what is left of them
     spread = (spread_many * many + spread_one * one) / (many - one) if many > one else math.inf
     if spread <= SPREAD:

@@ -137,15 +137,15 @@ def add_window_averages(acc: dict, window: torch.Tensor) -> None:
     the DSnoT authors' released code (each average rescaled by n / (n + 1) before the new window's share is added).
     The values equal sums divided by the window count up to rounding; the order makes DSnoT `faithful` choose their
     masks bit for bit, where fp32 rounding otherwise tips near-ties and, through the later blocks, 6 % of the mask."""
-    averages = acc.setdefault("window_averages", {"windows": 0})
-    seen, tokens = averages["windows"], window.shape[1]
-    variance = torch.var(window, dim=1, unbiased=False)
+    averages = acc.setdefault("window_averages", {"windows": 0, "tokens": 0})
+    seen, before, tokens = averages["windows"], averages["tokens"], window.shape[1]
+    variance = torch.var(window, dim=1, unbiased=False)       # weighted by tokens: windows may differ in length
     averages["variance"] = variance if seen == 0 else (
-        (averages["variance"] * (seen * tokens) + variance * tokens) / (seen * tokens + tokens))
+        (averages["variance"] * before + variance * tokens) / (before + tokens))
     share = seen / (seen + 1)                                 # the earlier windows' weight in the new average
     for key, value in (("sq_sum", torch.norm(window, p=2, dim=1) ** 2), ("sum", window.sum(dim=1))):
         averages[key] = averages.get(key, 0) * share + value / (seen + 1)
-    averages["windows"] = seen + 1
+    averages["windows"], averages["tokens"] = seen + 1, before + tokens
 
 
 class GramAccumulator:
