@@ -62,7 +62,7 @@ SECTION_FLAGS = {
     ("evaluation", "remeasure"): "--remeasure", ("evaluation", "dtype"): "--eval-dtype",
     ("evaluation", "speed"): "--eval-speed", ("evaluation", "samples"): "--eval-samples",
     ("output", "dir"): "--out", ("output", "overwrite"): "--overwrite", ("output", "push_to"): "--push-to",
-    ("output", "private"): "--private", ("export", "onnx"): "--onnx",
+    ("output", "private"): "--private", ("export", "onnx"): "--onnx", ("export", "speed"): "--onnx-speed",
 }
 SECTION_CLASSES = {"model": ModelSpec, "calibration": CalibrationSpec, "evaluation": EvaluationSpec,
                    "output": OutputSpec, "export": ExportSpec}
@@ -72,9 +72,9 @@ def _flag_dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def _add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+def _add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...], skip: tuple[str, ...] = ()) -> None:
     for (section, name), flag in SECTION_FLAGS.items():
-        if section not in sections:
+        if section not in sections or flag in skip:
             continue
         f = next(f for f in dataclasses.fields(SECTION_CLASSES[section]) if f.name == name)
         dest = f"{section}.{name}"
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", required=True, help="output folder for the ONNX export")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --onnx")
     export.add_argument("--device", default="cpu", help="ONNX Runtime provider: cpu, or cuda (with onnxruntime-gpu)")
-    export.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
+    _add_section_flags(export, ("export",), skip=("--onnx",))
 
     push = sub.add_parser("push", help="push an output folder to the Hub in one commit",
                           description="Upload FOLDER (an hfcompress output or ONNX export) to the model repo --to in "
@@ -212,15 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe file (if any) with every given flag laid over it."""
-    values = vars(args)
     data: dict[str, Any] = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else {"steps": []}
     if args.model:
         data["model"] = {**(data.get("model") or {}), "id": args.model}
-    for key, value in values.items():
-        if "." in key and key.split(".")[0] in SECTION_CLASSES:
-            section, name = key.split(".")
-            data.setdefault(section, {})[name] = value
-    options = {key.split(".", 1)[1]: value for key, value in values.items() if key.startswith("method.")}
+    for section in SECTION_CLASSES:
+        if given := _section(args, section):
+            data.setdefault(section, {}).update(given)
+    options = _section(args, "method")
     if args.method:
         # --method replaces the recipe's steps by one step, starting from the recipe's step of that method if any
         base = next((step for step in data["steps"] if step["method"] == args.method), {"method": args.method})
@@ -251,6 +249,11 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe.from_dict(data)
 
 
+def _section(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The values given on the command line for one recipe section, e.g. {"seq_len": "512"} for `calibration`."""
+    return {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith(section + ".")}
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "methods":
         print(methods_table())
@@ -270,21 +273,16 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         from .pipeline import evaluate_model
 
-        values = vars(args)
-        model = {k.split(".")[1]: v for k, v in values.items() if k.startswith("model.")}
-        evaluation = {k.split(".")[1]: v for k, v in values.items() if k.startswith("evaluation.")}
-        metrics = evaluate_model(from_values(ModelSpec, {"id": args.model, **model}, "model"),
-                                 from_values(EvaluationSpec, evaluation, "evaluation"))
+        metrics = evaluate_model(from_values(ModelSpec, {"id": args.model, **_section(args, "model")}, "model"),
+                                 from_values(EvaluationSpec, _section(args, "evaluation"), "evaluation"))
         print(json.dumps(metrics, indent=2))
     elif args.command == "importance":
         from .importance import plot_importance, rank_blocks, ranking_table
 
-        values = vars(args)
-        model = {k.split(".")[1]: v for k, v in values.items() if k.startswith("model.")}
-        calibration = {k.split(".")[1]: v for k, v in values.items() if k.startswith("calibration.")}
-        scores = rank_blocks(from_values(ModelSpec, {"id": args.model, **model}, "model"), args.score,
-                             from_values(CalibrationSpec, calibration, "calibration"),
-                             zd_direction=args.zd_direction, shuffle_seed=args.shuffle_seed)
+        model = from_values(ModelSpec, {"id": args.model, **_section(args, "model")}, "model")
+        calibration = from_values(CalibrationSpec, _section(args, "calibration"), "calibration")
+        scores = rank_blocks(model, args.score, calibration, zd_direction=args.zd_direction,
+                             shuffle_seed=args.shuffle_seed)
         print(ranking_table(scores))
         if args.plot and plot_importance(scores, args.plot, args.score):
             print(f"wrote {args.plot}")
@@ -293,8 +291,9 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "export":
         from .export import export_onnx
 
-        report = export_onnx(args.folder, args.onnx, overwrite=args.overwrite, device=args.device,
-                             speed=not args.no_speed, log=lambda line: print(line, file=sys.stderr))
+        spec = from_values(ExportSpec, {"onnx": args.onnx, **_section(args, "export")}, "export")
+        report = export_onnx(args.folder, spec.onnx, overwrite=args.overwrite, device=args.device,
+                             speed=spec.speed, log=lambda line: print(line, file=sys.stderr))
         print(f"wrote {args.onnx} ({report['size_bytes'] / 1e6:.1f} MB), validated: "
               f"max |onnx - torch| {report['validation']['max_abs_difference']:.3g}")
     elif args.command == "push":

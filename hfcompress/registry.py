@@ -33,7 +33,7 @@ RESERVED_OPTIONS = frozenset({
     "calib", "source", "n_samples", "seq_len", "seed", "text_field", "image_field", "split", "subset", "eval_source",
     "eval_seq_len", "eval_windows", "eval_dtype", "eval_text_field", "eval_split", "eval_subset", "out", "dir",
     "overwrite", "push_to", "private", "to", "token", "help", "onnx", "allow_pickle", "export", "remeasure",
-    "eval_speed", "eval_samples",
+    "eval_speed", "eval_samples", "onnx_speed",
 })
 
 

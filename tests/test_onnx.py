@@ -13,6 +13,7 @@ import hfcompress
 from hfcompress.errors import HfCompressError
 from hfcompress.export import ExportError, export_onnx
 from hfcompress.export.nbits import block_scales, kernel_layout, pack_blocks
+from hfcompress.formats import read_metadata
 from tests.tiny_models import build, fingerprint
 
 pytest.importorskip("onnxruntime")
@@ -194,8 +195,9 @@ def test_failed_validation_leaves_nothing(tiny, tmp_path, monkeypatch):
 def test_cli_and_recipe_export(tiny, tmp_path, capsys):
     from hfcompress.cli import main
 
-    assert main(["export", tiny("gpt2"), "--onnx", str(tmp_path / "cli"), "--no-speed"]) == 0
+    assert main(["export", tiny("gpt2"), "--onnx", str(tmp_path / "cli"), "--onnx-speed", "false"]) == 0
     assert "validated" in capsys.readouterr().out
+    assert "speed" not in read_metadata(str(tmp_path / "cli"))["onnx"]   # the flag named as in compress and the recipe
     result = hfcompress.compress({"model": tiny("llama"), "steps": [{"method": "magnitude", "sparsity": 0.5}],
                                   "evaluation": {"enabled": False}, "output": {"dir": str(tmp_path / "pruned")},
                                   "export": {"onnx": str(tmp_path / "pruned-onnx"), "speed": False}},

@@ -175,7 +175,8 @@ def test_a_token_never_lands_in_files_logs_or_outputs(hub, tiny, tmp_path):
                  "--seq-len", "32", "--eval-windows", "2", "--eval-seq-len", "32", "--push-to", "alice/secret"],
                 ["push", str(out), "--to", "alice/fails"],
                 ["card", str(out)], ["eval", str(out), "--eval-windows", "1", "--eval-seq-len", "32"],
-                ["export", str(out), "--onnx", str(onnx), "--no-speed"], ["push", str(out), "--to", "bad id"]]
+                ["export", str(out), "--onnx", str(onnx), "--onnx-speed", "false"],
+                ["push", str(out), "--to", "bad id"]]
     printed = []
     for index, command in enumerate(commands):
         hub.fail_commits = index == 1  # the second push fails on the Hub's side
