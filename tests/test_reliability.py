@@ -2,6 +2,7 @@
 is written (no output folder, no code from the source run)."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -144,6 +145,25 @@ def test_a_killed_run_leaves_nothing_half_written_and_the_next_run_succeeds(mark
     assert finished.returncode == 0, finished.stderr
     assert not list(tmp_path.glob(".out.*")) and (out / "hfcompress.json").is_file()
     assert _tree(source) == before
+
+
+def test_staging_folders_of_killed_runs_are_removed_and_no_others(tmp_path):
+    """A run killed the moment after creating its staging folder leaves it empty: the next run still knows whose it
+    was (the pid is in its name) and removes it; a live run's folder and another output's folders stay."""
+    from hfcompress.formats import staged_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "out"
+    abandoned = [tmp_path / f".out.hfcompress-{dead_pid}.{tail}" for tail in ("x1_y", "old-x2")]
+    kept = [tmp_path / f".out.hfcompress-{os.getppid()}.alive", tmp_path / f".out.hfcompress-{dead_pid}.old.x3",
+            tmp_path / f".out.hfcompress-{dead_pid}.hfcompress-{dead_pid}.x4", tmp_path / ".out.something"]
+    for folder in abandoned + kept:
+        folder.mkdir()
+    with staged_folder(out) as staging:
+        (staging / "hfcompress.json").write_text("{}")
+    assert (out / "hfcompress.json").is_file()
+    assert not any(folder.exists() for folder in abandoned) and all(folder.exists() for folder in kept)
 
 
 def test_two_runs_on_one_output_folder_one_wins_whole(tiny, tmp_path):

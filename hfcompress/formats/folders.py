@@ -5,7 +5,9 @@ model). No torch here: the recipe checks its output folder with these before any
 from __future__ import annotations
 
 import errno
+import glob
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -40,19 +42,22 @@ def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, source: str
                                     f"has no {METADATA_FILE}; pick another --out")
 
 
-OWNER_FILE = ".hfcompress-owner"  # in a staging folder: the pid of the run writing it
+def _staging_prefix(out: Path, kind: str = "") -> str:
+    """The name start of this run's temporary folders beside `out`: the owner's pid is in the name itself, so a
+    folder is never without one, even when the run is killed the moment after creating it."""
+    return f".{out.name}.hfcompress-{os.getpid()}.{kind}"
 
 
 def _remove_abandoned(out: Path) -> None:
-    """Delete the staging folders of `out` left by runs that were killed (their owner process is gone); a staging
+    """Delete the temporary folders of `out` left by runs that were killed (their owner process is gone); a staging
     folder is never renamed into place by anyone but its own run."""
-    for candidate in out.parent.glob(f".{out.name}.*"):
+    ours = re.compile(rf"\.{re.escape(out.name)}\.hfcompress-(\d+)\.(old-)?[a-z0-9_]+")
+    for candidate in out.parent.glob(f".{glob.escape(out.name)}.hfcompress-*"):
+        match = ours.fullmatch(candidate.name)
+        if not match:
+            continue  # another output's folder, e.g. of an output named "<out>.hfcompress-1"
         try:
-            owner = int((candidate / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or still being set up: leave it
-        try:
-            os.kill(owner, 0)
+            os.kill(int(match.group(1)), 0)
         except ProcessLookupError:
             shutil.rmtree(candidate, ignore_errors=True)
         except PermissionError:  # alive, someone else's
@@ -67,18 +72,16 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, source: s
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out), dir=out.parent))
     try:  # from the first moment: an interrupt while setting up must not leave the folder behind either
-        (staging / OWNER_FILE).write_text(str(os.getpid()))
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the output should get ordinary permissions
         yield staging
-        (staging / OWNER_FILE).unlink()
         for path in staging.rglob("*"):  # some writers (safetensors) create owner-only files
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if overwrite and out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            retired = Path(tempfile.mkdtemp(prefix=_staging_prefix(out, "old-"), dir=out.parent))
             out.rename(retired / "old")
             staging.rename(out)
             shutil.rmtree(retired, ignore_errors=True)
