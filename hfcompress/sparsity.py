@@ -23,18 +23,23 @@ def keep_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) 
     """Boolean mask (out, in) of the weights to keep: per row, drop the `sparsity` share with the lowest score, or
     with `nm=(N, M)` the N lowest of every M consecutive columns. Ties go to the lower column index."""
     rows, cols = score.shape
-    mask = torch.ones_like(score, dtype=torch.bool)
-    # a stable sort, not topk: topk leaves the order of equal scores open (and CPU and CUDA break them differently)
+    # not topk: it leaves the order of equal scores open (and CPU and CUDA break them differently)
     if nm is not None:
         n, m = nm
         groups = score.reshape(rows, cols // m, m)                        # (out, in/M, M)
         drop = groups.argsort(dim=-1, stable=True)[..., :n]
-        return mask.reshape(rows, cols // m, m).scatter_(-1, drop, False).reshape(rows, cols)
+        keep = torch.ones_like(groups, dtype=torch.bool)
+        return keep.scatter_(-1, drop, False).reshape(rows, cols)
     k = int(cols * sparsity)
     if k == 0:
-        return mask
-    drop = score.argsort(dim=1, stable=True)[:, :k]                       # (out, k)
-    return mask.scatter_(1, drop, False)
+        return torch.ones_like(score, dtype=torch.bool)
+    # what the first k columns of a stable ascending argsort drop, in about half its time: everything below the
+    # k-th lowest score, then as many of the scores equal to it as are left, lowest columns first
+    score = torch.nan_to_num(score, nan=torch.inf)                        # NaN last, as a sort puts it
+    kth = score.kthvalue(k, dim=1, keepdim=True).values                   # (out, 1)
+    below, tied = score < kth, score == kth
+    room = k - below.sum(dim=1, keepdim=True)                             # (out, 1) ties to drop
+    return ~(below | (tied & (tied.cumsum(dim=1) <= room)))
 
 
 def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

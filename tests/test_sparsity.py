@@ -91,3 +91,15 @@ def test_sparsegpt_compensates_the_pruning_error_and_keeps_exact_row_sparsity():
     assert keep.all() and torch.allclose(same, weight)
     keep, _ = sparsegpt_prune(weight, hessian, 0.5, (2, 4), block_size=16)
     assert (keep.reshape(32, 16, 4).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.6, 0.7])
+def test_row_mask_drops_what_a_stable_sort_drops(sparsity):
+    """The selection shortcut (k-th value, then ties by column) against its definition, on scores full of ties."""
+    generator = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 6, (64, 96), generator=generator).float()  # six distinct values: ties at every cut
+    score[3] = 1.0
+    score[5, 7] = float("nan")
+    k = int(96 * sparsity)
+    expected = torch.ones_like(score, dtype=torch.bool).scatter_(1, score.argsort(dim=1, stable=True)[:, :k], False)
+    assert torch.equal(keep_mask(score, sparsity, None), expected)
