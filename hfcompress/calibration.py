@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from .errors import CalibrationError
+from .recipe import looks_like_path, missing_source
 
 BUILTIN = "builtin"
 
@@ -25,10 +26,6 @@ BUILTIN = "builtin"
 def _builtin_text(purpose: str) -> str:
     with resources.files("hfcompress").joinpath(f"data/{purpose}.txt.gz").open("rb") as raw:
         return gzip.decompress(raw.read()).decode("utf-8")
-
-
-def looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl", ".json")) or source.count("/") > 1
 
 
 def hub_dataset_id(source: str) -> str | None:
@@ -67,8 +64,7 @@ def read_text(source: str, purpose: str = "calibration", *, text_field: str = "t
                     texts.append(str(record[text_field]))
         return "\n\n".join(texts)
     if looks_like_path(source) and not os.path.isdir(path):
-        raise CalibrationError(f"{purpose} source {source!r} does not exist; give `builtin`, a .txt or .jsonl file, "
-                               "or a `datasets` id")
+        raise missing_source(source, purpose)
     return _dataset_text(source, text_field, split, subset, purpose)
 
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from .errors import InvalidOptionError, choices
+from .errors import CalibrationError, InvalidOptionError, choices
 from .formats.folders import check_output_folder
 from .hub import check_push_target
 from .options import check_choices, check_dtype, config_to_dict, from_values, make_config, option
-from .registry import get_method
+from .registry import calibrating_steps, get_method
 
 
 @dataclass
@@ -110,6 +110,16 @@ class ExportSpec:
     onnx: str | None = option(None, "also export the saved output to this ONNX folder (validated in ONNX Runtime "
                                     "against PyTorch; needs `pip install 'hfcompress[onnx]'`)")
     speed: bool = option(True, "measure the ONNX graph's prefill and decode tokens/s beside PyTorch's")
+
+
+def looks_like_path(source: str) -> bool:
+    """A calibration or evaluation source written as a file or folder path, not `builtin` or a `datasets` id."""
+    return source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl", ".json")) or source.count("/") > 1
+
+
+def missing_source(source: str, purpose: str) -> CalibrationError:
+    return CalibrationError(f"{purpose} source {source!r} does not exist; give `builtin`, a .txt or .jsonl file, or a "
+                            "`datasets` id")
 
 
 def default_name(model: str, methods: list[str]) -> str:
@@ -223,12 +233,18 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def validate(self) -> None:
-        """Checks that need no model and no section can make alone: steps, the output folder, the push target.
-        (Each section checks its own numbers when it is built.)"""
+        """Checks that need no model and no section can make alone: steps, missing source files, the output folder,
+        the push target. (Each section checks its own numbers when it is built.)"""
         if not self.model.id:
             raise InvalidOptionError("the recipe names no model")
         if not self.steps:
             raise InvalidOptionError("the recipe has no steps; add at least one `{method: NAME, ...}`")
+        sources = {"calibration": self.calibration.source} if calibrating_steps(self.steps) else {}
+        if self.evaluation.enabled:
+            sources["evaluation"] = self.evaluation.source
+        for purpose, source in sources.items():  # a mistyped file name, told before the model is even looked up
+            if looks_like_path(source) and not os.path.exists(os.path.expanduser(source)):
+                raise missing_source(source, purpose)
         out = self.output
         if out.dir:
             check_output_folder(out.dir, out.overwrite, self.model.id)

@@ -168,3 +168,18 @@ def test_bad_device_names_the_valid_ones():
 
     with pytest.raises(ModelLoadError, match="not supported; valid: `auto`, `cpu`"):
         pick_device("mps")
+
+
+def test_missing_calibration_and_evaluation_files_are_refused_before_the_model_is_looked_up(tmp_path):
+    """A mistyped file name is told at once: the model named here does not even exist, and is never looked up."""
+    missing = str(tmp_path / "calib.txt")
+    with pytest.raises(CalibrationError, match=r"calibration source '.*calib\.txt' does not exist; give `builtin`"):
+        _run("./no/such/model", calibration={"source": missing})
+    with pytest.raises(CalibrationError, match=r"evaluation source '~/no-such-eval\.jsonl' does not exist"):
+        _run("./no/such/model", evaluation={"source": "~/no-such-eval.jsonl"})
+    # not checked where it is not read: rtn calibrates on nothing, evaluation can be off
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        _run("./no/such/model", {"method": "rtn", "bits": 4}, calibration={"source": missing},
+             evaluation={"enabled": False, "source": missing})
+    result = _cli("compress", "./no/such/model", "--method", "wanda", "--calib", missing, "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "calibration source" in result.stderr and "Traceback" not in result.stderr
